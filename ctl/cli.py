@@ -1,0 +1,194 @@
+"""appdctl [--socket PATH] [--json] [--timeout S] COMMAND
+
+Talks to appd over its control socket and exits with the real outcome:
+0 success, 1 failed or rolled back, 2 usage error, 3 daemon not reachable,
+4 refused (busy, permission). Imports nothing heavy: it must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import protocol
+from .client import Client, CommandError
+
+_QUICK_TIMEOUT = 10.0   # ping, status, reopen-logs
+_LONG_TIMEOUT = 600.0   # operations that wait for workers to boot and drain
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 already; keep the contract's wording
+        self.print_usage(sys.stderr)
+        print(f"appdctl: error: {message}", file=sys.stderr)
+        raise SystemExit(protocol.EXIT_USAGE)
+
+
+def _scale_spec(text: str) -> dict:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not +N, -N or N") from None
+    return {"delta": number} if text[:1] in "+-" else {"count": number}
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K=V")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="appdctl", description="Control a running appd.")
+    parser.add_argument("--socket", help="control socket (default: $APPD_SOCKET, else appd's default path)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (events as JSON lines)")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for the final reply")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("status", help="daemon, generations, workers, listeners, last operation")
+    sub.add_parser("ping", help="liveness")
+    reload = sub.add_parser("reload", help="re-read the config and replace workers, new ones first")
+    reload.add_argument("--no-wait", action="store_true", help="reply once started")
+    upgrade = sub.add_parser("upgrade", help="start a new generation with new code, then drain the old")
+    upgrade.add_argument("--no-wait", action="store_true", help="reply once started")
+    upgrade.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V",
+                         help="extra environment for the new generation (repeatable)")
+    upgrade.add_argument("--daemon", action="store_true", help="re-exec the daemon itself in place")
+    scale = sub.add_parser("scale", help="change the target worker count: +N, -N or N")
+    scale.add_argument("spec", type=_scale_spec, metavar="+N|-N|N")
+    drain = sub.add_parser("drain", help="graceful stop with progress")
+    drain.add_argument("--timeout", dest="drain_timeout", type=float, metavar="S",
+                       help="time allowed for in-flight requests (default: graceful_timeout)")
+    sub.add_parser("stop", help="quick stop")
+    sub.add_parser("reopen-logs", help="reopen log files (logrotate)")
+    retire = sub.add_parser("retire", help="gracefully replace one worker")
+    retire.add_argument("pid", type=int)
+    return parser
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, dict]:
+    command = args.command.replace("-", "_")
+    if command in ("reload", "upgrade"):
+        extra = {"env": dict(args.env), "daemon": args.daemon or None} if command == "upgrade" else {}
+        return command, {"wait": not args.no_wait, **extra}
+    if command == "scale":
+        return command, args.spec
+    if command == "drain":
+        return command, {"timeout": args.drain_timeout}
+    if command == "retire":
+        return command, {"pid": args.pid}
+    return command, {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command, params = request_for(args)
+    timeout = args.timeout or (_QUICK_TIMEOUT if command in ("ping", "status", "reopen_logs") else _LONG_TIMEOUT)
+    out = JsonOutput() if args.json else HumanOutput(command)
+    try:
+        with Client(args.socket, timeout=timeout) as client:
+            result = client.call(command, on_event=out.event, **params)
+    except CommandError as exc:
+        out.error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("appdctl: interrupted; the operation goes on in the daemon (see appdctl status)", file=sys.stderr)
+        return protocol.EXIT_FAILED
+    out.result(result)
+    return protocol.EXIT_OK
+
+
+class JsonOutput:
+    def event(self, message: dict) -> None:
+        print(json.dumps(message), flush=True)
+
+    def result(self, result: dict) -> None:
+        print(json.dumps(result, indent=2))
+
+    def error(self, exc: CommandError) -> None:
+        print(json.dumps({"ok": False, "error": {**exc.detail, "code": exc.code, "message": exc.message}},
+                         indent=2))
+
+
+class HumanOutput:
+    def __init__(self, command: str):
+        self.command = command
+        self.live = sys.stderr.isatty()
+        self.last_len = 0
+
+    def event(self, message: dict) -> None:
+        fields = " ".join(f"{k}={v}" for k, v in message.items() if k not in ("id", "event"))
+        line = f"{self.command}: {message['event']} {fields}".rstrip()
+        if self.live:  # one line, rewritten in place
+            sys.stderr.write("\r" + line.ljust(self.last_len))
+            self.last_len = len(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _end_live(self) -> None:
+        if self.live and self.last_len:
+            sys.stderr.write("\n")
+
+    def result(self, result: dict) -> None:
+        self._end_live()
+        if self.command == "status":
+            print(format_status(result))
+        elif self.command == "ping":
+            print(f"pong from appd {result.get('version')} (pid {result.get('pid')})")
+        else:
+            details = " ".join(f"{k}={v}" for k, v in result.items() if k not in ("outcome", "notes"))
+            print(f"{self.command}: {result.get('outcome', 'done')} {details}".rstrip())
+            for note in result.get("notes") or []:
+                print(f"  note: {note}")
+
+    def error(self, exc: CommandError) -> None:
+        self._end_live()
+        print(f"appdctl {self.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        output = exc.detail.get("output")
+        if output:
+            print("--- last output of the new generation ---", file=sys.stderr)
+            print(output.rstrip(), file=sys.stderr)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1048576:.1f}M"
+
+
+def format_status(status: dict) -> str:
+    daemon = status["daemon"]
+    lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {daemon.get('state', '')}  "
+             f"up {_age(daemon['uptime_s'])}  rss {_size(daemon.get('rss_bytes', 0))}  socket {daemon['socket']}"]
+    for listener in status["listeners"]:
+        lines.append(f"listener {listener['name']}: {listener['address']} (fd {listener['fd']})")
+    lines.append(f"target workers: {status['target_workers']}")
+    rows = [("GEN", "STATE", "MASTER", "WORKER", "WSTATE", "AGE", "REQS", "RSS", "CPU")]
+    for gen in status["generations"]:
+        head = (str(gen["id"]), gen["state"], str(gen["master_pid"]))
+        if not gen["workers"]:
+            rows.append(head + ("-",) * 6)
+        for worker in gen["workers"]:
+            rows.append(head + (str(worker["pid"]), worker["state"], _age(worker["age"]),
+                                str(worker["requests"]), _size(worker["rss_bytes"]), f"{worker['cpu_percent']:.0f}%"))
+            head = ("", "", "")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    last = status.get("last_operation")
+    if last:
+        verdict = "ok" if last["ok"] else f"{last['outcome']}: {last['error']}"
+        lines.append(f"last operation: {last['op']} {verdict} ({last['duration_s']} s)")
+    if status.get("operation"):
+        lines.append(f"running: {status['operation']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A non-blocking stream of framed msgpack messages, driven by a Loop.
+
+The daemon uses one per master (the APPD_CHANNEL_FD socketpair) and one per
+control client; a master uses one to talk to its daemon. Writes are buffered
+and flushed when the socket is writable, so a slow peer never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from typing import Callable
+
+from appdctl.protocol import MAX_FRAME, FrameDecoder, ProtocolError, encode
+
+
+class Channel:
+    def __init__(self, loop, sock: socket.socket, on_message: Callable[["Channel", object], None],
+                 on_close: Callable[["Channel", str], None], max_frame: int = MAX_FRAME,
+                 max_outbuf: int = 16 * MAX_FRAME):
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.on_close = on_close
+        self.decoder = FrameDecoder(max_frame)
+        self.outbuf = bytearray()
+        self.max_outbuf = max_outbuf
+        self.closed = False
+        self.last_activity = time.monotonic()
+        sock.setblocking(False)
+        loop.add_reader(sock, self._ready)
+
+    def send(self, message: dict) -> None:
+        if self.closed:
+            return
+        self.outbuf += encode(message)
+        if len(self.outbuf) > self.max_outbuf:
+            self.close("peer does not read its replies")
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self.outbuf:
+                sent = self.sock.send(self.outbuf)
+                del self.outbuf[:sent]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close(f"write failed: {exc.strerror or exc}")
+            return
+        if not self.closed:
+            self.loop.set_events(self.sock, self._ready, write=bool(self.outbuf))
+
+    def _ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if self.closed or not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"read failed: {exc.strerror or exc}")
+            return
+        if not data:
+            self.close("closed by peer")
+            return
+        self.last_activity = time.monotonic()
+        try:
+            messages = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self.close(exc.message)
+            return
+        for message in messages:
+            if self.closed:
+                break
+            self.on_message(self, message)
+
+    def flush_and_close(self, timeout: float = 1.0) -> None:
+        """Send what is buffered (bounded by `timeout`), then close. Used just before exit."""
+        if not self.closed and self.outbuf:
+            self.sock.setblocking(True)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.sendall(self.outbuf)
+                self.outbuf.clear()
+            except OSError:
+                pass
+        self.close("done")
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.on_close(self, reason)

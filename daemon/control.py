@@ -1,0 +1,207 @@
+"""The control socket inside the daemon's loop: accepts clients, checks who
+they are (SO_PEERCRED), bounds their number and idleness, decodes requests
+and hands them to the command units in commands/."""
+
+from __future__ import annotations
+
+import grp
+import os
+import socket
+import stat
+import struct
+import time
+
+from appdctl import protocol
+
+from .channel import Channel
+
+MAX_CLIENTS = 64
+IDLE_TIMEOUT = 10.0        # a client with nothing running must send a request within this
+PARTIAL_FRAME_TIMEOUT = 5.0  # a frame begun must be finished within this
+_CRED = struct.Struct("3i")
+
+
+class ControlSocketError(Exception):
+    """The control socket path cannot be used; the message says why."""
+
+
+def prepare_path(path: str) -> None:
+    """Create the parent directory 0700 if absent; refuse a symlink or a non-socket at
+    the path; fail if a live daemon answers there; replace a stale socket file."""
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise ControlSocketError(f"control socket path {path} is a symlink; refusing to use it")
+    if not stat.S_ISSOCK(mode):
+        raise ControlSocketError(f"control socket path {path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: its daemon is gone
+        return
+    finally:
+        probe.close()
+    raise ControlSocketError(f"another appd is already running on control socket {path}")
+
+
+class ControlServer:
+    def __init__(self, daemon, cfg):
+        self.daemon = daemon
+        self.loop = daemon.loop
+        self.path = cfg.control_socket
+        self.allowed_uids = {0, os.getuid(), *cfg.control_allow_uids}
+        self.allowed_gids = set(cfg.control_allow_gids)
+        prepare_path(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, cfg.control_socket_mode)
+        if cfg.control_socket_group:
+            os.chown(self.path, -1, grp.getgrnam(cfg.control_socket_group).gr_gid)
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.clients: set[ControlClient] = set()
+        self.loop.add_reader(self.sock, self.accept)
+
+    def accept(self, mask: int) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if not self.allowed(pid, uid, gid):
+                self._refuse(conn, protocol.PERMISSION_DENIED, f"uid {uid} may not control this daemon")
+            elif len(self.clients) >= MAX_CLIENTS:
+                self._refuse(conn, protocol.BUSY, f"too many control clients (limit {MAX_CLIENTS})")
+            else:
+                self.clients.add(ControlClient(self, conn))
+
+    def allowed(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in self.allowed_uids or gid in self.allowed_gids:
+            return True
+        return bool(self.allowed_gids) and bool(self.allowed_gids & _supplementary_groups(pid))
+
+    @staticmethod
+    def _refuse(conn: socket.socket, code: str, message: str) -> None:
+        try:
+            conn.setblocking(False)
+            conn.send(protocol.encode(protocol.error_reply(None, code, message)))
+        except OSError:
+            pass
+        conn.close()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for client in list(self.clients):
+            client.check_idle(now)
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client.channel.flush_and_close(timeout=0.5)
+        self.loop.remove(self.sock)
+        self.sock.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+class ControlClient:
+    def __init__(self, server: ControlServer, sock: socket.socket):
+        self.server = server
+        self.running: set[int] = set()  # request ids still waiting for their final reply
+        self.channel = Channel(server.loop, sock, self.on_message, self.on_close)
+
+    def on_message(self, channel, message) -> None:
+        from .commands import dispatch
+        request_id = message.get("id") if isinstance(message, dict) else None
+        try:
+            request_id, cmd, args = protocol.validate_request(message)
+        except protocol.ProtocolError as exc:
+            self.send(protocol.error_reply(request_id if isinstance(request_id, int) else None,
+                                           exc.code, exc.message))
+            return
+        self.running.add(request_id)
+        dispatch(self.server.daemon, cmd, args, ClientResponder(self, request_id))
+
+    def send(self, message: dict) -> None:
+        self.channel.send(message)
+
+    def check_idle(self, now: float) -> None:
+        idle = now - self.channel.last_activity
+        if self.channel.decoder.partial and idle > PARTIAL_FRAME_TIMEOUT:
+            self.channel.close("half-written frame timed out")
+        elif not self.running and idle > IDLE_TIMEOUT:
+            self.channel.close("idle")
+
+    def on_close(self, channel, reason: str) -> None:
+        self.server.clients.discard(self)
+
+
+class ClientResponder:
+    """Sends an operation's events and final reply to the control client that asked."""
+
+    def __init__(self, client: ControlClient, request_id: int):
+        self.client = client
+        self.request_id = request_id
+
+    def event(self, name: str, **fields) -> None:
+        self.client.send(protocol.event(self.request_id, name, **fields))
+
+    def done(self, result: dict) -> None:
+        self._final(protocol.ok_reply(self.request_id, result))
+
+    def fail(self, code: str, message: str, **extra) -> None:
+        self._final(protocol.error_reply(self.request_id, code, message, **extra))
+
+    def _final(self, reply: dict) -> None:
+        self.client.running.discard(self.request_id)
+        self.client.channel.last_activity = time.monotonic()
+        self.client.send(reply)
+
+
+class LogResponder:
+    """For operations started by a signal (or detached with --no-wait): outcome goes to the log."""
+
+    def __init__(self, log, source: str = "daemon", on_done=None):
+        self.log = log.bind(source=source)
+        self.on_done = on_done
+
+    def event(self, name: str, **fields) -> None:
+        pass  # the operation logs its progress itself
+
+    def done(self, result: dict) -> None:
+        self.log.info("operation_done", **result)
+        if self.on_done:
+            self.on_done(True, None)
+
+    def fail(self, code: str, message: str, **extra) -> None:
+        self.log.error("operation_failed", code=code, message=message,
+                       **{k: v for k, v in extra.items() if k != "output"})
+        if self.on_done:
+            self.on_done(False, {"code": code, "message": message, **extra})

@@ -1,0 +1,385 @@
+"""The daemon: the service's stable PID. It holds the listeners and the
+control socket, keeps the target worker count, starts generations (fresh
+masters) and drives one changing operation at a time. It never imports the
+application and never touches a request.
+
+Its loop: accept control clients, read generation messages, reap children,
+tick the running operation. Signal handlers only record and wake.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from appdctl import protocol
+
+from . import __version__, config, listeners as listeners_mod, log, proc, systemd
+from .control import ControlServer, LogResponder
+from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
+from .loop import Loop
+from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
+
+# Settings only the daemon uses; a master gets everything else.
+_DAEMON_ONLY = {"config", "bind", "backlog", "pidfile", "control_socket", "control_socket_mode",
+                "control_socket_group", "control_allow_uids", "control_allow_gids", "python"}
+# Variables meant for the daemon alone, not for generations.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                "LISTEN_FDNAMES")
+_CRASH_BACKOFF_MAX = 30.0
+_STABLE_AFTER = 10.0
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config, flags: dict):
+        self.cfg = cfg
+        self.flags = flags
+        self.environ = dict(os.environ)
+        self.target = cfg.workers
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.loop = Loop()
+        self.log = log.get(role="daemon")
+        self.listeners: list = []
+        self.generations: list[Generation] = []
+        self.next_generation = 1
+        self.operation = None
+        self.last_operation: dict | None = None
+        self.state = "starting"
+        self.exit_code: int | None = None
+        self.crashes: list[dict] = []
+        self.recovery_timer = None
+        self._processes: dict = {}
+
+    # --- life ---
+
+    def run(self) -> int:
+        proc.become_subreaper()
+        proc.set_title("appd: daemon")
+        inherited = listeners_mod.from_systemd()
+        self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited)
+        for key in _PRIVATE_ENV:
+            os.environ.pop(key, None)
+        self.control = ControlServer(self, self.cfg)
+        self.write_pidfile()
+        self.loop.catch([signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
+                         signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD], self.on_signal)
+        self.log.info("daemon_started", version=__version__, listeners=[l.address for l in self.listeners],
+                      control_socket=self.control.path, workers=self.target)
+        self.start_first_generation()
+        watchdog = systemd.watchdog_interval(self.environ)
+        if watchdog:
+            self.watchdog(watchdog)
+        while self.exit_code is None:
+            self.loop.run_once(0.25)
+            self.reap()
+            if self.operation is not None:
+                self.operation.tick(time.monotonic())
+            self.control.tick()
+        self.shutdown()
+        return self.exit_code
+
+    def start_first_generation(self) -> None:
+        first = Start(self, LogResponder(self.log, on_done=self._first_generation_done))
+        self.operation = first
+        first.start()
+
+    def _first_generation_done(self, ok: bool, error: dict | None) -> None:
+        if ok:
+            self.state = "running"
+            systemd.notify("READY=1", self.status_line())
+        else:
+            self.log.error("start_failed", reason=error.get("reason"), detail="the first generation never "
+                           "became ready; see its output above")
+            self.exit(1)
+
+    def exit(self, code: int) -> None:
+        if self.exit_code is None:
+            self.exit_code = code
+
+    def begin_shutdown(self) -> None:
+        self.state = "stopping"
+        self.loop.cancel(self.recovery_timer)
+        systemd.notify("STOPPING=1")
+
+    def shutdown(self) -> None:
+        for generation in self.generations:
+            generation.kill(signal.SIGKILL)
+        self.control.close()
+        for listener in self.listeners:
+            self._close_listener(listener)
+        self.remove_pidfile()
+        self.log.info("daemon_exit", code=self.exit_code)
+
+    # --- generations ---
+
+    def generation_settings(self) -> dict:
+        return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
+
+    def start_generation(self, extra_env: dict | None = None) -> Generation:
+        generation = Generation(self.next_generation, self.pid)
+        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
+                         self.listeners, extra_env, self.on_generation_message)
+        self.next_generation += 1
+        self.generations.append(generation)
+        self.log.info("generation_started", generation=generation.id, master=generation.pid)
+        return generation
+
+    @property
+    def serving(self) -> Generation | None:
+        return next((g for g in reversed(self.generations) if g.state == SERVING), None)
+
+    def promote(self, generation: Generation) -> None:
+        generation.state = SERVING
+        generation.ready_at = time.monotonic()
+        if self.state == "crashlooping":
+            self.state = "running"
+
+    def drain_generation(self, generation: Generation, sweep: bool, hard_after: float | None = None,
+                         timeout: float | None = None) -> None:
+        """Tell a generation to finish in-flight requests and exit; SIGKILL it if it overstays."""
+        if not generation.alive:
+            return
+        generation.state = DRAINING
+        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout})
+        grace = hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0
+        self.loop.call_later(grace, lambda: self._overstayed(generation))
+
+    def stop_generation(self, generation: Generation, hard_after: float) -> None:
+        generation.state = DRAINING
+        generation.send({"t": "stop"})
+        self.loop.call_later(hard_after, lambda: self._overstayed(generation))
+
+    def _overstayed(self, generation: Generation) -> None:
+        if generation.alive or generation.worker_pids:
+            self.log.warning("generation_killed", generation=generation.id, detail="did not exit in time")
+            generation.kill(signal.SIGKILL)
+
+    def on_generation_message(self, generation: Generation, message) -> None:
+        if not isinstance(message, dict):
+            return
+        if message.get("t") == "workers":
+            generation.snapshot = message
+        elif message.get("t") == "ready" and generation.state not in (SERVING, DRAINING):
+            generation.state = READY
+        elif message.get("t") == "boot_failed":
+            generation.failure = message
+        if self.operation is not None:
+            self.operation.on_message(generation, message)
+        elif message.get("t") == "ready" and generation.state == READY:
+            self.recovered(generation)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._processes.pop(pid, None)
+            generation = next((g for g in self.generations if g.pid == pid and g.alive), None)
+            if generation is not None:
+                self.on_generation_exit(generation, proc.describe_exit(status))
+
+    def on_generation_exit(self, generation: Generation, how: str) -> None:
+        was = generation.state
+        generation.exit_status = how
+        generation.state = FAILED if was in ("starting", READY) else EXITED
+        generation.snapshot = {**generation.snapshot, "workers": []}
+        generation.close(self.loop)
+        self.log.info("generation_exited", generation=generation.id, status=how, was=was)
+        # Orphaned workers (re-parented to us) get SIGTERM from the kernel; kill stragglers later.
+        self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: generation.kill(signal.SIGKILL))
+        self.generations = [g for g in self.generations if g.alive or g is generation][-20:]
+        if self.operation is not None:
+            self.operation.on_exit(generation)
+        if was == SERVING and self.state in ("running", "crashlooping"):
+            self.crashed(generation, how)
+        elif was in ("starting", READY) and self.operation is None and self.state == "crashlooping":
+            self.crashed(generation, how)
+
+    # --- crash recovery: a serving master died on its own ---
+
+    def crashed(self, generation: Generation, how: str) -> None:
+        if self.serving is not None or any(g.state in ("starting", READY) for g in self.generations):
+            return
+        lived = time.monotonic() - (generation.ready_at or generation.started_mono)
+        if lived > _STABLE_AFTER and generation.state == EXITED:
+            self.crashes.clear()
+        self.crashes.append({"generation": generation.id, "status": how, "at": time.time(),
+                             "output": generation.last_lines(5)})
+        self.crashes = self.crashes[-10:]
+        delay = 0.0 if len(self.crashes) == 1 else min(_CRASH_BACKOFF_MAX, 0.5 * 2 ** (len(self.crashes) - 1))
+        if len(self.crashes) > 1:
+            self.state = "crashlooping"
+        self.log.error("master_crashed", generation=generation.id, status=how, restart_in=delay,
+                       crashes=len(self.crashes), state=self.state)
+        self.recovery_timer = self.loop.call_later(delay, self.recover)
+
+    def recover(self) -> None:
+        self.recovery_timer = None
+        if self.operation is not None or self.state == "stopping" or self.serving is not None:
+            return
+        try:
+            self.start_generation()
+        except OSError as exc:
+            self.log.error("recovery_failed", error=str(exc))
+            self.recovery_timer = self.loop.call_later(_CRASH_BACKOFF_MAX, self.recover)
+
+    def recovered(self, generation: Generation) -> None:
+        self.promote(generation)
+        self.log.info("recovered", generation=generation.id)
+
+    # --- operations ---
+
+    def begin(self, operation) -> bool:
+        """Start a changing operation, or refuse with busy. Returns whether it started."""
+        if self.operation is not None:
+            operation.responder.fail(protocol.BUSY, f"busy: {self.operation.name} is running "
+                                     f"(for {time.monotonic() - self.operation.started:.1f} s)")
+            return False
+        if self.state == "stopping":
+            operation.responder.fail(protocol.BUSY, "busy: the daemon is stopping")
+            return False
+        if isinstance(operation, (Upgrade, Reload)):
+            self.loop.cancel(self.recovery_timer)
+            systemd.notify(*systemd.reloading_lines())
+        self.operation = operation
+        operation.start()
+        return True
+
+    def finish_operation(self, operation, ok: bool, outcome: str, error: dict | None, result: dict | None):
+        if operation.finished:
+            return
+        operation.finished = True
+        if self.operation is operation:
+            self.operation = None
+        self.last_operation = {"op": operation.name, "ok": ok, "outcome": outcome,
+                               "error": error["message"] if error else None,
+                               "duration_s": round(time.monotonic() - operation.started, 3)}
+        if ok:
+            operation.responder.done(result or {})
+        else:
+            operation.responder.fail(error["code"], error["message"],
+                                     **{k: v for k, v in error.items() if k not in ("code", "message")})
+        if isinstance(operation, (Upgrade, Reload)) and not isinstance(operation, Start) \
+                and self.state != "stopping":
+            systemd.notify("READY=1", self.status_line())
+        if self.state == "crashlooping" and self.serving is None and self.recovery_timer is None:
+            self.recovery_timer = self.loop.call_later(1.0, self.recover)
+
+    # --- config ---
+
+    def read_config(self) -> config.Config:
+        return config.load(self.flags, self.environ)
+
+    def apply_config(self, cfg: config.Config, target: int, open_listeners: bool = False) -> None:
+        if open_listeners:
+            self.listeners = listeners_mod.open_listeners(cfg.bind, cfg.backlog, current=self.listeners)
+        self.cfg = cfg
+        self.target = target
+
+    def restore_config(self, cfg, target, old_listeners) -> None:
+        self.close_unused_listeners(self.listeners, keep=old_listeners)
+        self.listeners = old_listeners
+        self.cfg, self.target = cfg, target
+
+    def close_unused_listeners(self, candidates, keep=None) -> None:
+        keep_fds = {l.fd for l in (keep if keep is not None else self.listeners)}
+        for listener in candidates:
+            if listener.fd not in keep_fds:
+                self._close_listener(listener)
+
+    def _close_listener(self, listener) -> None:
+        path = listener.address[5:] if listener.address.startswith("unix:") else None
+        listener.sock.close()
+        if path and listener.spec.startswith("unix:"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    # --- signals: the same operations the control commands use ---
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap()
+            return
+        responder = LogResponder(self.log, source=signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            self.begin(Reload(self, responder))
+        elif signum == signal.SIGUSR2:
+            self.begin(Upgrade(self, responder))
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self.begin(Scale(self, responder, {"delta": 1 if signum == signal.SIGTTIN else -1}))
+        elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            shutdown = (Shutdown if signum == signal.SIGTERM else Stop)(self, responder, {})
+            if self.operation is not None and not isinstance(self.operation, Shutdown):
+                self.operation.fail(protocol.FAILED, f"interrupted by {signal.Signals(signum).name}")
+            self.begin(shutdown)
+        elif signum == signal.SIGUSR1:
+            self.reopen_logs()
+
+    def reopen_logs(self) -> None:
+        log.reopen()
+        for generation in self.generations:
+            if generation.alive:
+                generation.send({"t": "reopen_logs"})
+
+    # --- status ---
+
+    def process_usage(self, pid: int) -> tuple[int, float]:
+        import psutil
+        process = self._processes.get(pid)
+        try:
+            if process is None:
+                process = self._processes[pid] = psutil.Process(pid)
+                process.cpu_percent(None)
+            return process.memory_info().rss, process.cpu_percent(None)
+        except psutil.Error:
+            return 0, 0.0
+
+    def status(self) -> dict:
+        return {
+            "daemon": {"pid": self.pid, "version": __version__, "state": self.state,
+                       "uptime_s": round(time.monotonic() - self.started, 1), "socket": self.control.path,
+                       "rss_bytes": self.process_usage(self.pid)[0]},
+            "target_workers": self.target,
+            "listeners": [l.describe() for l in self.listeners],
+            "generations": [g.describe(self.process_usage) for g in self.generations if g.alive],
+            "last_operation": self.last_operation,
+            "operation": self.operation.name if self.operation else None,
+            "crashes": self.crashes,
+        }
+
+    def status_line(self) -> str:
+        serving = self.serving
+        ready = serving.snapshot.get("ready", 0) if serving else 0
+        last = self.last_operation["outcome"] if self.last_operation else "none"
+        return (f"STATUS=generation {serving.id if serving else '-'}, {ready}/{self.target} workers "
+                f"ready, last operation: {last}")
+
+    def watchdog(self, interval: float) -> None:
+        systemd.notify("WATCHDOG=1")
+        self.loop.call_later(interval, lambda: self.watchdog(interval))
+
+    # --- pidfile ---
+
+    def write_pidfile(self) -> None:
+        path = self.cfg.pidfile
+        if not path:
+            return
+        tmp = f"{path}.{self.pid}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{self.pid}\n")
+        os.replace(tmp, path)
+
+    def remove_pidfile(self) -> None:
+        path = self.cfg.pidfile
+        try:
+            if path and open(path).read().strip() == str(self.pid):
+                os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,143 @@
+"""The daemon's handle on one generation: a master process started by
+posix_spawn (fork + exec of a fresh interpreter), its channel, its output,
+and the last worker table it reported."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+from . import listeners as listeners_mod
+from .channel import Channel
+
+STARTING, READY, SERVING, DRAINING, EXITED, FAILED = (
+    "starting", "ready", "serving", "draining", "exited", "failed")
+_TAIL_LINES = 40
+
+
+def resolve_python(python: str) -> str:
+    """The interpreter path, resolved now (so a `current -> releases/N` swap is seen)."""
+    found = python if os.sep in python else shutil.which(python)
+    if not found or not os.access(found, os.X_OK):
+        raise FileNotFoundError(f"python interpreter {python!r} not found or not executable")
+    return found
+
+
+class Generation:
+    def __init__(self, number: int, daemon_pid: int):
+        self.id = number
+        self.daemon_pid = daemon_pid
+        self.pid = 0
+        self.state = STARTING
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.ready_at: float | None = None
+        self.channel: Channel | None = None
+        self.output_fd = -1
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._partial = b""
+        self.snapshot: dict = {"workers": [], "ready": 0, "target": 0, "phase": "booting"}
+        self.exit_status: str | None = None
+        self.failure: dict | None = None
+
+    def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
+              extra_env: dict, on_message, on_output_closed=None) -> None:
+        ours, theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        env = {**os.environ, **(extra_env or {}), **listeners_mod.generation_env(listeners),
+               "APPD_GENERATION": str(self.id), "APPD_DAEMON_PID": str(self.daemon_pid),
+               "APPD_CHANNEL_FD": str(theirs.fileno()), "PYTHONUNBUFFERED": "1"}
+        os.set_inheritable(theirs.fileno(), True)
+        try:
+            executable = resolve_python(python)
+            self.pid = os.posix_spawn(
+                executable, [executable, "-m", "appd.master"], env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, out_w, 2),
+                              (os.POSIX_SPAWN_CLOSE, out_r)],
+                setsid=True)
+        except OSError as exc:
+            for fd in (out_r, out_w):
+                os.close(fd)
+            ours.close()
+            raise OSError(f"cannot start generation {self.id} with {python}: {exc.strerror or exc}") from None
+        finally:
+            theirs.close()
+        os.close(out_w)
+        os.set_blocking(out_r, False)
+        self.output_fd = out_r
+        loop.add_reader(out_r, lambda mask: self._read_output(loop))
+        self.channel = Channel(loop, ours, lambda ch, msg: on_message(self, msg), lambda ch, why: None)
+        self.channel.send({"t": "config", "settings": settings, "target": target})
+
+    def _read_output(self, loop) -> bool:
+        """Forward what the generation printed to our stderr and keep its tail; True if any."""
+        try:
+            data = os.read(self.output_fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove(self.output_fd)
+            os.close(self.output_fd)
+            self.output_fd = -1
+            return False
+        try:
+            sys.stderr.buffer.write(data)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        self.tail.extend(line.decode("utf-8", "replace") for line in lines)
+        return True
+
+    def last_lines(self, count: int = 20) -> str:
+        lines = list(self.tail)[-count:]
+        if self._partial:
+            lines.append(self._partial.decode("utf-8", "replace"))
+        return "\n".join(lines)
+
+    def send(self, message: dict) -> None:
+        if self.channel is not None:
+            self.channel.send(message)
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the master's whole process group (it is a session leader)."""
+        if self.pid and self.state not in (EXITED, FAILED):
+            try:
+                os.killpg(self.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (EXITED, FAILED)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.snapshot.get("workers", [])]
+
+    def close(self, loop) -> None:
+        """Forget the channel; take what the master printed last (its traceback) first.
+        The output pipe stays registered until EOF while orphaned workers still hold it."""
+        if self.channel is not None:
+            self.channel.close("generation exited")
+        while self.output_fd >= 0 and self._read_output(loop):
+            pass
+
+    def describe(self, processes) -> dict:
+        workers = []
+        now = time.time()
+        for worker in self.snapshot.get("workers", []):
+            rss, cpu = processes(worker["pid"])
+            workers.append({"pid": worker["pid"], "state": worker["state"],
+                            "age": round(now - worker["started_at"], 1), "requests": worker["requests"],
+                            "rss_bytes": rss, "cpu_percent": cpu})
+        return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
+                "ready_workers": self.snapshot.get("ready", 0), "workers": workers}

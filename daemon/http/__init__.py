@@ -1,0 +1,9 @@
+"""HTTP/1.x request/response layer for the WSGI workers.
+
+Workers build one ServerInfo per listener and call handle_connection() for
+every accepted connection; everything else here is internal.
+"""
+
+from .wsgi import FileWrapper, ServerInfo, handle_connection
+
+__all__ = ["FileWrapper", "ServerInfo", "handle_connection"]

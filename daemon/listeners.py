@@ -1,0 +1,214 @@
+"""Listening sockets: parse addresses, bind them once, inherit them (systemd's
+LISTEN_FDS or our own APPD_FDS), and describe them to new generations."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Address:
+    spec: str         # as the operator wrote it
+    family: int
+    target: object    # (host, port) or a path or an fd number
+    kind: str         # "tcp", "unix" or "fd"
+
+
+def parse_address(spec: str) -> Address:
+    """'host:port', '[v6]:port', 'unix:PATH' or 'fd://N'; ValueError names the bad address."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise ValueError(f"{spec!r} has no socket path")
+        return Address(spec, socket.AF_UNIX, path, "unix")
+    if spec.startswith("fd://"):
+        try:
+            fd = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"{spec!r} is not fd://N with N a file descriptor number") from None
+        return Address(spec, 0, fd, "fd")
+    if spec.startswith("["):
+        host, sep, port = spec[1:].partition("]:")
+        family = socket.AF_INET6
+        if not sep:
+            raise ValueError(f"{spec!r} is not [V6ADDRESS]:PORT")
+    else:
+        host, sep, port = spec.rpartition(":")
+        family = socket.AF_INET
+        if not sep:
+            raise ValueError(f"{spec!r} has no port; use HOST:PORT, [V6]:PORT, unix:PATH or fd://N")
+        host = host or "0.0.0.0"
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ValueError(f"{spec!r}: port {port!r} is not a number") from None
+    if not 0 <= port_number <= 65535:
+        raise ValueError(f"{spec!r}: port {port_number} is out of range")
+    return Address(spec, family, (host, port_number), "tcp")
+
+
+@dataclass
+class Listener:
+    name: str
+    sock: socket.socket
+    spec: str
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def address(self) -> str:
+        """The bound address as a string (port 0 resolved to the real port)."""
+        name = self.sock.getsockname()
+        if self.sock.family == socket.AF_UNIX:
+            return "unix:" + (name if isinstance(name, str) else name.decode(errors="replace"))
+        if self.sock.family == socket.AF_INET6:
+            return f"[{name[0]}]:{name[1]}"
+        return f"{name[0]}:{name[1]}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "address": self.address, "fd": self.fd}
+
+
+def _bind_unix(path: str, backlog: int) -> socket.socket:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there any more
+        else:
+            raise OSError(f"{path} is in use by another live process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(backlog)
+    return sock
+
+
+def bind(address: Address, backlog: int) -> socket.socket:
+    """Bind and listen on one address. OSError says which address failed and why."""
+    try:
+        if address.kind == "unix":
+            sock = _bind_unix(address.target, backlog)
+        elif address.kind == "fd":
+            sock = socket.socket(fileno=address.target)
+            sock.listen(backlog)
+        else:
+            sock = socket.socket(address.family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address.target)
+            sock.listen(backlog)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {address.spec}: {exc.strerror or exc}") from None
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    os.set_inheritable(sock.fileno(), True)
+    return sock
+
+
+def _name_for(address: Address, index: int) -> str:
+    return "http" if index == 0 else f"http{index}"
+
+
+def open_listeners(specs: list[str], backlog: int, inherited: dict[str, socket.socket] | None = None,
+                   current: list[Listener] | None = None) -> list[Listener]:
+    """Listeners for `specs`, reusing `current` ones and `inherited` sockets where they match.
+
+    An inherited socket (systemd socket activation) is matched by its name when the
+    name equals the bind spec's name, else by the address it is bound to.
+    """
+    inherited = dict(inherited or {})
+    by_spec = {listener.spec: listener for listener in (current or [])}
+    result = []
+    for index, spec in enumerate(specs):
+        if spec in by_spec:
+            result.append(by_spec.pop(spec))
+            continue
+        address = parse_address(spec)
+        name = _name_for(address, index)
+        sock = _take_inherited(inherited, address, name)
+        if sock is None:
+            sock = bind(address, backlog)
+        result.append(Listener(name, sock, spec))
+    return result
+
+
+def _take_inherited(inherited: dict[str, socket.socket], address: Address, name: str):
+    if name in inherited:
+        return inherited.pop(name)
+    for key, sock in list(inherited.items()):
+        if _matches(sock, address):
+            return inherited.pop(key)
+    return None
+
+
+def _matches(sock: socket.socket, address: Address) -> bool:
+    try:
+        bound = sock.getsockname()
+    except OSError:
+        return False
+    if address.kind == "unix":
+        return sock.family == socket.AF_UNIX and bound == address.target
+    if address.kind == "tcp" and sock.family == address.family:
+        host, port = address.target
+        return bound[1] == port and (bound[0] == host or host in ("0.0.0.0", "::"))
+    return False
+
+
+def from_systemd(environ=os.environ) -> dict[str, socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)."""
+    if environ.get("LISTEN_PID") not in (None, str(os.getpid())):
+        return {}
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
+    sockets = {}
+    for index in range(count):
+        fd = 3 + index
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        os.set_inheritable(fd, True)
+        name = names[index] if index < len(names) and names[index] else f"fd{fd}"
+        sockets[name] = sock
+    for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return sockets
+
+
+def generation_env(listeners: list[Listener]) -> dict[str, str]:
+    """The APPD_FDS / APPD_FD_NAMES variables a new generation receives."""
+    return {
+        "APPD_FDS": ",".join(str(l.fd) for l in listeners),
+        "APPD_FD_NAMES": ":".join(l.name for l in listeners),
+    }
+
+
+def from_generation_env(environ=os.environ) -> list[Listener]:
+    """The listeners a master inherited from its daemon."""
+    fds = [int(fd) for fd in environ.get("APPD_FDS", "").split(",") if fd]
+    names = environ.get("APPD_FD_NAMES", "").split(":")
+    result = []
+    for index, fd in enumerate(fds):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        name = names[index] if index < len(names) else f"fd{fd}"
+        result.append(Listener(name, sock, f"fd://{fd}"))
+    return result

@@ -1,0 +1,111 @@
+"""structlog set up once per process: every line carries `generation` and `pid`,
+rendered for a console or as JSON, written to a file that can be reopened
+(logrotate: `appdctl reopen-logs` or SIGUSR1)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import structlog
+
+_generation = 0
+_files: list["LogFile"] = []
+
+
+class LogFile:
+    """A log destination that can be reopened by path; '-' means stderr."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+        self.file = sys.stderr if path == "-" else open(path, "a", buffering=1)
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            try:
+                self.file.write(text)
+            except (OSError, ValueError):
+                pass  # a log line is never worth crashing for
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except (OSError, ValueError):
+            pass
+
+    def reopen(self) -> None:
+        if self.path == "-":
+            return
+        with self.lock:
+            old, self.file = self.file, open(self.path, "a", buffering=1)
+            old.close()
+
+
+def _add_process(logger, method, event_dict):
+    event_dict.setdefault("generation", _generation)
+    event_dict["pid"] = os.getpid()
+    return event_dict
+
+
+def configure(log_format: str = "console", level: str = "info", error_log: str = "-",
+              generation: int = 0) -> None:
+    global _generation
+    _generation = generation
+    destination = LogFile(error_log)
+    _files.append(destination)
+    renderer = (structlog.processors.JSONRenderer() if log_format == "json"
+                else structlog.dev.ConsoleRenderer(colors=destination.file.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_process,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(destination),
+        cache_logger_on_first_use=False,
+    )
+
+
+def set_generation(generation: int) -> None:
+    global _generation
+    _generation = generation
+
+
+def reopen() -> None:
+    for destination in _files:
+        destination.reopen()
+
+
+def get(**context):
+    return structlog.get_logger().bind(**context)
+
+
+class AccessLog:
+    """One line per request, written without structlog's processor chain on the hot path."""
+
+    def __init__(self, path: str | None, log_format: str):
+        self.destination = LogFile(path) if path else None
+        if self.destination:
+            _files.append(self.destination)
+        self.json = log_format == "json"
+
+    def __bool__(self) -> bool:
+        return self.destination is not None
+
+    def write(self, remote: str, method: str, path: str, version: str, status: str,
+              length: int, duration_s: float) -> None:
+        if self.json:
+            import json
+            line = json.dumps({"event": "access", "remote": remote, "method": method, "path": path,
+                               "http": version, "status": int(status[:3]), "bytes": length,
+                               "duration_ms": round(duration_s * 1000, 3),
+                               "generation": _generation, "pid": os.getpid()})
+        else:
+            line = (f'{remote} "{method} {path} HTTP/{version}" {status[:3]} {length} '
+                    f'{duration_s * 1000:.1f}ms generation={_generation} pid={os.getpid()}')
+        self.destination.write(line + "\n")

@@ -1,0 +1,393 @@
+"""The master of one generation: a fresh interpreter exec'd by the daemon.
+
+It inherits the listeners (APPD_FDS), talks to the daemon over APPD_CHANNEL_FD,
+and runs a prefork pool: spawn_workers, reap_workers, murder_workers,
+manage_workers. Signal handlers only record; the loop does the work.
+
+Phases: booting -> serving -> stopping -> exit. The generation is *ready*
+when `target` workers have loaded the app (and passed ready_check).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from appdctl.protocol import FrameDecoder
+
+from . import app as app_loading
+from . import listeners as listeners_mod
+from . import log, proc
+from .channel import Channel
+from .loop import Loop
+from .worker_handle import WorkerHandle
+from .workers import worker_class
+
+BOOTING, SERVING, STOPPING = "booting", "serving", "stopping"
+EXIT_BOOT_FAILED = 3
+_MAX_SPAWN_BACKOFF = 10.0
+
+
+class Master:
+    def __init__(self, cfg: dict, target: int, listeners: list, channel_sock: socket.socket,
+                 generation: int, daemon_pid: int):
+        self.cfg = cfg
+        self.target = target
+        self.listeners = listeners
+        self.generation = generation
+        self.daemon_pid = daemon_pid
+        self.pid = os.getpid()
+        self.phase = BOOTING
+        self.workers: dict[int, WorkerHandle] = {}
+        self.serials = itertools.count(1)
+        self.app = None
+        self.reload_state: dict | None = None
+        self.spawn_failures = 0
+        self.spawn_not_before = 0.0
+        self.stop_deadline: float | None = None
+        self.exit_code = 0
+        self.dirty = True
+        self.last_report = 0.0
+        self.loop = Loop()
+        self.log = log.get(role="master")
+        self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
+
+    # --- the story ---
+
+    def run(self) -> int:
+        proc.set_title(f"appd: master gen {self.generation}")
+        self.loop.catch([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                         signal.SIGUSR1, signal.SIGHUP], self.on_signal)
+        if self.cfg["preload_app"] and not self.preload():
+            return EXIT_BOOT_FAILED
+        self.log.info("master_started", workers=self.target, worker_class=self.cfg["worker_class"])
+        while self.loop.running:
+            self.manage_workers()
+            self.report_workers()
+            self.loop.run_once(0.25)
+            self.reap_workers()
+            self.murder_workers()
+            if self.phase == STOPPING and not self.workers:
+                break
+        self.report_workers(force=True)
+        self.channel.flush_and_close()
+        self.log.info("master_exit", code=self.exit_code)
+        return self.exit_code
+
+    def preload(self) -> bool:
+        try:
+            self.app = app_loading.load_app(self.cfg["app"])
+        except BaseException:
+            text = traceback.format_exc()
+            sys.stderr.write(text)
+            self.channel.send({"t": "boot_failed", "reason": "the app failed to import in the master "
+                               "(preload_app)", "output": text})
+            self.channel.flush_and_close()
+            return False
+        gc.collect()
+        gc.freeze()  # keep the preloaded objects' pages shared after fork
+        return True
+
+    def spawn_workers(self, count: int) -> None:
+        for _ in range(count):
+            self.spawn_worker()
+
+    def spawn_worker(self) -> None:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        serial = next(self.serials)
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.close()
+            self._become_worker(child_sock, serial)  # never returns
+        child_sock.close()
+        parent_sock.setblocking(False)
+        handle = WorkerHandle(pid, parent_sock, serial)
+        self.workers[pid] = handle
+        self.loop.add_reader(parent_sock, lambda mask, h=handle: self.on_worker_report(h))
+        self.dirty = True
+
+    def _become_worker(self, report_sock: socket.socket, serial: int) -> None:
+        code = 1
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                           signal.SIGUSR1, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            # Close the master's descriptors in this child only; never unregister
+            # from the shared epoll instance.
+            self.loop.selector.close()
+            self.loop._wake_r.close()
+            self.loop._wake_w.close()
+            self.channel.sock.close()
+            for handle in self.workers.values():
+                handle.sock.close()
+            worker = worker_class(self.cfg["worker_class"])(
+                master_pid=self.pid, generation=self.generation, serial=serial,
+                listeners=self.listeners, cfg=self.cfg, app=self.app, report_sock=report_sock)
+            code = worker.run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.workers.pop(pid, None)
+            if handle is None:
+                continue
+            self.loop.remove(handle.sock)
+            handle.read_reports()
+            handle.close()
+            self.dirty = True
+            self.on_worker_exit(handle, proc.describe_exit(status))
+
+    def murder_workers(self) -> None:
+        """Kill workers that stopped answering: hung, stuck booting, or slow to stop."""
+        now = time.monotonic()
+        for handle in list(self.workers.values()):
+            if handle.aborted_at is not None:
+                if now - handle.aborted_at > 2.0:
+                    handle.kill(signal.SIGKILL)
+            elif handle.stop_sent_at is not None:
+                if now - handle.stop_sent_at > self.cfg["graceful_timeout"]:
+                    self.log.warning("worker_stop_timeout", worker=handle.pid, detail="SIGKILL")
+                    handle.kill(signal.SIGKILL)
+                    handle.aborted_at = now
+            elif not handle.ready:
+                if now - handle.spawned_at > self.cfg["boot_timeout"]:
+                    handle.boot_error = f"not ready within boot_timeout ({self.cfg['boot_timeout']} s)"
+                    self.log.error("worker_boot_timeout", worker=handle.pid)
+                    handle.kill(signal.SIGKILL)
+                    handle.aborted_at = now
+            elif self.cfg["timeout"] and now - handle.last_heartbeat > self.cfg["timeout"]:
+                self.log.error("worker_timeout", worker=handle.pid, timeout=self.cfg["timeout"],
+                               detail="SIGABRT, then SIGKILL")
+                handle.kill(signal.SIGABRT)
+                handle.aborted_at = now
+
+    def manage_workers(self) -> None:
+        """Keep `target` incoming workers; retire outgoing ones once enough are ready."""
+        if self.phase == STOPPING:
+            return
+        incoming = [h for h in self.workers.values() if not h.outgoing and h.stop_sent_at is None]
+        missing = self.target - len(incoming)
+        if missing > 0 and time.monotonic() >= self.spawn_not_before:
+            self.spawn_workers(missing)
+        elif missing < 0:
+            # Scale down: stop the ones not ready first, then the oldest.
+            extra = sorted(incoming, key=lambda h: (h.ready, -h.serial))[:(-missing)]
+            for handle in extra:
+                handle.stop()
+            self.dirty = True
+        ready = sum(1 for h in incoming if h.ready)
+        if ready >= self.target:
+            for handle in self.workers.values():
+                if handle.outgoing and handle.stop_sent_at is None:
+                    handle.stop()
+                    self.dirty = True
+        self.check_progress(ready)
+
+    def check_progress(self, ready: int) -> None:
+        if self.phase == BOOTING and ready >= self.target:
+            self.phase = SERVING
+            self.log.info("generation_ready", workers=ready)
+            self.channel.send({"t": "ready"})
+            self.call_hook("on_ready")
+        if self.reload_state and ready >= self.target and not any(h.outgoing for h in self.workers.values()):
+            self.finish_reload(ok=True)
+
+    def stop_workers(self, graceful: bool, sweep: bool = False) -> None:
+        if self.phase != STOPPING:
+            self.phase = STOPPING
+            self.stop_deadline = time.monotonic() + self.cfg["graceful_timeout"]
+        signum = (signal.SIGUSR2 if sweep else signal.SIGTERM) if graceful else signal.SIGQUIT
+        for handle in self.workers.values():
+            handle.stop(signum)
+        if not graceful:
+            for handle in self.workers.values():
+                handle.stop_sent_at = time.monotonic() - self.cfg["graceful_timeout"] + 2.0
+        self.dirty = True
+
+    # --- events ---
+
+    def on_worker_report(self, handle: WorkerHandle) -> None:
+        if handle.read_reports():
+            self.dirty = True
+            self.spawn_failures = 0
+            self.channel.send({"t": "worker_ready", "pid": handle.pid, "ready": self.ready_count(),
+                               "target": self.target})
+
+    def on_worker_exit(self, handle: WorkerHandle, how: str) -> None:
+        if handle.ready or handle.stop_sent_at is not None:
+            level = "info" if handle.stop_sent_at is not None and handle.aborted_at is None else "warning"
+            getattr(self.log, level)("worker_exited", worker=handle.pid, status=how,
+                                     requests=handle.requests)
+            return
+        reason = f"worker {handle.pid} failed to boot ({how})"
+        self.log.error("worker_boot_failed", worker=handle.pid, status=how)
+        output = handle.boot_error or ""
+        if self.phase == BOOTING:
+            self.channel.send({"t": "boot_failed", "reason": reason, "output": output})
+            self.exit_code = EXIT_BOOT_FAILED
+            self.stop_workers(graceful=False)
+        elif self.reload_state:
+            self.abort_reload(reason, output)
+        else:
+            self.spawn_failures += 1
+            delay = min(_MAX_SPAWN_BACKOFF, 0.1 * 2 ** self.spawn_failures)
+            self.spawn_not_before = time.monotonic() + delay
+            self.log.error("respawn_backoff", seconds=delay, failures=self.spawn_failures)
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap_workers()
+        elif signum == signal.SIGTERM:
+            self.log.info("stopping", how="graceful")
+            self.stop_workers(graceful=True)
+        elif signum in (signal.SIGINT, signal.SIGQUIT):
+            self.log.info("stopping", how="quick")
+            self.stop_workers(graceful=False)
+        elif signum == signal.SIGUSR1:
+            self.reopen_logs()
+
+    def on_daemon_message(self, channel, message) -> None:
+        kind = message.get("t") if isinstance(message, dict) else None
+        if kind == "drain":
+            self.log.info("draining", sweep=bool(message.get("sweep")))
+            self.stop_workers(graceful=True, sweep=bool(message.get("sweep")))
+        elif kind == "stop":
+            self.stop_workers(graceful=False)
+        elif kind == "scale":
+            self.target = int(message["target"])
+            self.dirty = True
+        elif kind == "reload":
+            self.start_reload(message["settings"])
+        elif kind == "retire":
+            self.retire(int(message["pid"]))
+        elif kind == "reopen_logs":
+            self.reopen_logs()
+
+    def on_daemon_gone(self, channel, reason: str) -> None:
+        if self.phase != STOPPING:
+            self.log.warning("daemon_gone", reason=reason, detail="stopping gracefully")
+            self.stop_workers(graceful=True)
+
+    # --- operations asked by the daemon ---
+
+    def start_reload(self, settings: dict) -> None:
+        if self.phase != SERVING or self.reload_state:
+            self.channel.send({"t": "reloaded", "ok": False, "reason": f"cannot reload while {self.phase}"})
+            return
+        self.reload_state = {"previous": self.cfg}
+        self.cfg = {**self.cfg, **settings}
+        for handle in self.workers.values():
+            if handle.stop_sent_at is None:
+                handle.outgoing = True
+        self.dirty = True
+        self.log.info("reload_started", workers=self.target)
+
+    def finish_reload(self, ok: bool, reason: str = "", output: str = "") -> None:
+        self.reload_state = None
+        self.channel.send({"t": "reloaded", "ok": ok, "reason": reason, "output": output})
+        self.log.info("reload_finished", ok=ok, reason=reason or None)
+
+    def abort_reload(self, reason: str, output: str) -> None:
+        """A new worker failed: stop the new ones, keep the old ones serving, restore the config."""
+        self.cfg = self.reload_state["previous"]
+        for handle in self.workers.values():
+            if handle.outgoing:
+                handle.outgoing = False
+            elif handle.stop_sent_at is None:
+                handle.stop(signal.SIGQUIT)
+        self.finish_reload(ok=False, reason=reason, output=output)
+
+    def retire(self, pid: int) -> None:
+        handle = self.workers.get(pid)
+        if handle is None or handle.stop_sent_at is not None or handle.outgoing:
+            self.channel.send({"t": "retired", "ok": False, "pid": pid,
+                               "reason": f"no active worker with pid {pid} in generation {self.generation}"})
+            return
+        handle.outgoing = True
+        self.dirty = True
+        self.channel.send({"t": "retired", "ok": True, "pid": pid})
+
+    def reopen_logs(self) -> None:
+        log.reopen()
+        for handle in self.workers.values():
+            handle.kill(signal.SIGUSR1)
+
+    # --- reporting to the daemon ---
+
+    def ready_count(self) -> int:
+        return sum(1 for h in self.workers.values() if h.ready and not h.outgoing and h.stop_sent_at is None)
+
+    def report_workers(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or self.dirty or now - self.last_report >= 1.0):
+            return
+        self.dirty = False
+        self.last_report = now
+        self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
+                           "ready": self.ready_count(),
+                           "workers": [h.describe() for h in self.workers.values()]})
+
+    def call_hook(self, name: str) -> None:
+        spec = self.cfg.get(name)
+        if not spec:
+            return
+        try:
+            module, _, func = spec.partition(":")
+            getattr(__import__(module, fromlist=[func]), func)(self)
+        except Exception:
+            self.log.exception("hook_failed", hook=name)
+
+
+def read_first_message(sock: socket.socket, timeout: float = 30.0) -> dict:
+    sock.settimeout(timeout)
+    decoder = FrameDecoder()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit("appd master: the daemon closed the channel before sending the config")
+        messages = decoder.feed(data)
+        if messages:
+            return messages[0]
+
+
+def main() -> int:
+    generation = int(os.environ["APPD_GENERATION"])
+    daemon_pid = int(os.environ["APPD_DAEMON_PID"])
+    channel_sock = socket.socket(fileno=int(os.environ["APPD_CHANNEL_FD"]))
+    first = read_first_message(channel_sock)
+    cfg, target = first["settings"], first["target"]
+    log.configure(cfg["log_format"], cfg["log_level"], cfg["error_log"], generation=generation)
+    os.chdir(cfg["chdir"])
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    proc.die_with_parent(signal.SIGTERM)
+    listeners = listeners_mod.from_generation_env()
+    master = Master(cfg, target, listeners, channel_sock, generation, daemon_pid)
+    return master.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The master's view of one worker process (the worker's own code is in workers/)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from .workers.notify import parse
+
+BOOTING, READY, STOPPING = "booting", "ready", "stopping"
+
+
+class WorkerHandle:
+    def __init__(self, pid: int, sock: socket.socket, serial: int):
+        self.pid = pid
+        self.sock = sock              # master's end of the notify socket
+        self.serial = serial          # spawn order within the generation
+        self.spawned_at = time.monotonic()
+        self.started_wall = time.time()
+        self.ready_at: float | None = None
+        self.last_heartbeat = self.spawned_at
+        self.requests = 0
+        self.busy = False
+        self.outgoing = False         # to be retired once a replacement is ready
+        self.stop_sent_at: float | None = None
+        self.aborted_at: float | None = None
+        self.boot_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+    @property
+    def state(self) -> str:
+        if self.stop_sent_at is not None:
+            return STOPPING
+        if self.outgoing:
+            return "outgoing"
+        return READY if self.ready else BOOTING
+
+    def read_reports(self) -> bool:
+        """Take every pending datagram; return True if the worker just became ready."""
+        became_ready = False
+        while True:
+            try:
+                datagram = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return became_ready
+            except OSError:
+                return became_ready
+            fields = parse(datagram)
+            now = time.monotonic()
+            if "X_APPD_BOOT_ERROR" in fields:
+                self.boot_error = fields["X_APPD_BOOT_ERROR"]
+            if fields.get("READY") == "1" and self.ready_at is None:
+                self.ready_at = now
+                became_ready = True
+            if fields.get("WATCHDOG") == "1" or "X_APPD_REQUESTS" in fields:
+                self.last_heartbeat = now
+            if "X_APPD_REQUESTS" in fields:
+                self.requests = int(fields["X_APPD_REQUESTS"] or 0)
+            if "X_APPD_BUSY" in fields:
+                self.busy = fields["X_APPD_BUSY"] == "1"
+
+    def kill(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the worker to stop (TERM: finish the request in hand)."""
+        if self.stop_sent_at is None:
+            self.stop_sent_at = time.monotonic()
+        self.kill(signum)
+
+    def describe(self) -> dict:
+        return {"pid": self.pid, "state": self.state, "started_at": self.started_wall,
+                "requests": self.requests, "busy": self.busy}
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,158 @@
+"""What every worker does in its own process: set itself up after fork, load
+the app, prove it is ready, serve until told to stop, and exit cleanly.
+
+Signals (sent by the master):
+  TERM, HUP   graceful: finish the request in hand, then exit
+  USR2        drain: also accept and serve what waits in the backlog, then exit
+  INT, QUIT   quick: exit now
+  ABRT        hung (timeout): log where it is stuck, then exit
+  USR1        reopen log files
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from .. import app as app_loading
+from .. import log, proc
+from .notify import Reporter
+
+
+class Worker:
+    def __init__(self, *, master_pid: int, generation: int, serial: int, listeners: list,
+                 cfg: dict, app, report_sock: socket.socket):
+        self.master_pid = master_pid
+        self.generation = generation
+        self.serial = serial
+        self.listeners = listeners
+        self.cfg = cfg
+        self.app = app
+        self.reporter = Reporter(report_sock)
+        self.alive = True
+        self.sweep = False
+        self.requests = 0
+        self.last_heartbeat = 0.0
+        self.log = None
+        limit = cfg["max_requests"]
+        self.max_requests = limit + random.randint(0, cfg["max_requests_jitter"]) if limit else 0
+
+    # --- lifecycle ---
+
+    def run(self) -> int:
+        """The worker's whole life; returns its exit code."""
+        self.setup()
+        code = self.boot()
+        if code:
+            return code
+        self.reporter.ready()
+        self.log.debug("worker_ready", serial=self.serial)
+        try:
+            self.serve()
+        finally:
+            self.call_hook("worker_exit")
+        return 0
+
+    def setup(self) -> None:
+        proc.die_with_parent(signal.SIGTERM)
+        if os.getppid() != self.master_pid:  # the master died before prctl took effect
+            os._exit(0)
+        proc.set_title(f"appd: worker gen {self.generation}")
+        self.log = log.get(role="worker")
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._graceful)
+        signal.signal(signal.SIGUSR2, self._drain)
+        signal.signal(signal.SIGINT, self._quick)
+        signal.signal(signal.SIGQUIT, self._quick)
+        signal.signal(signal.SIGABRT, self._abort)
+        signal.signal(signal.SIGUSR1, lambda *_: log.reopen())
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.call_hook("post_fork")
+
+    def boot(self) -> int:
+        """Load the app (unless preloaded) and run the ready check; 0 when ready."""
+        try:
+            if self.app is None:
+                self.app = app_loading.load_app(self.cfg["app"])
+            path = self.cfg["ready_check"]
+            if path:
+                ok, status = app_loading.ready_check(self.app, path)
+                if not ok:
+                    raise app_loading.AppLoadError(f"ready_check GET {path} answered {status!r}")
+        except BaseException as exc:
+            if isinstance(exc, SystemExit) and not self.alive:
+                return 0
+            text = traceback.format_exc()
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.reporter.boot_error(text)
+            return 3
+        return 0
+
+    def serve(self) -> None:
+        raise NotImplementedError
+
+    # --- helpers for subclasses ---
+
+    def heartbeat(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now - self.last_heartbeat >= 1.0:
+            self.last_heartbeat = now
+            self.reporter.heartbeat(self.requests)
+
+    def count_request(self) -> None:
+        self.requests += 1
+        if self.max_requests and self.requests >= self.max_requests:
+            self.log.info("max_requests_reached", requests=self.requests)
+            self.alive = False
+
+    def master_alive(self) -> bool:
+        return os.getppid() == self.master_pid
+
+    def wait_readable(self, selector: selectors.BaseSelector, timeout: float) -> list:
+        events = selector.select(timeout)
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        return events
+
+    def call_hook(self, name: str) -> None:
+        spec = self.cfg.get(name)
+        if not spec:
+            return
+        try:
+            module, _, func = spec.partition(":")
+            hook = getattr(__import__(module, fromlist=[func]), func)
+            hook(self)
+        except Exception:
+            self.log.exception("hook_failed", hook=name)
+
+    # --- signal handlers: record and wake ---
+
+    def _graceful(self, signum, frame) -> None:
+        self.alive = False
+
+    def _drain(self, signum, frame) -> None:
+        self.sweep = True
+        self.alive = False
+
+    def _quick(self, signum, frame) -> None:
+        raise SystemExit(0)
+
+    def _abort(self, signum, frame) -> None:
+        self.log.error("worker_timeout", detail="no heartbeat within timeout; stack follows")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(1)

@@ -1,0 +1,48 @@
+"""The notify protocol between a worker and its master: systemd's sd_notify
+format (newline-separated KEY=VALUE in one datagram), so a program of any
+language that speaks sd_notify can be a worker.
+
+Keys: READY=1, WATCHDOG=1 (heartbeat), STATUS=..., and appd's own
+X_APPD_REQUESTS=n, X_APPD_BUSY=0|1, X_APPD_BOOT_ERROR=<text to the end>.
+"""
+
+from __future__ import annotations
+
+import socket
+
+BOOT_ERROR = "X_APPD_BOOT_ERROR="
+
+
+def parse(datagram: bytes) -> dict[str, str]:
+    text = datagram.decode("utf-8", errors="replace")
+    if text.startswith(BOOT_ERROR):
+        return {"X_APPD_BOOT_ERROR": text[len(BOOT_ERROR):]}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+class Reporter:
+    """The worker's side: best-effort sends that never block the worker."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        sock.setblocking(False)
+
+    def send(self, text: str) -> None:
+        try:
+            self.sock.send(text.encode("utf-8", errors="replace"))
+        except OSError:
+            pass  # the master is gone or busy; the worker notices its parent separately
+
+    def ready(self) -> None:
+        self.send("READY=1")
+
+    def heartbeat(self, requests: int, busy: bool = False) -> None:
+        self.send(f"WATCHDOG=1\nX_APPD_REQUESTS={requests}\nX_APPD_BUSY={int(busy)}")
+
+    def boot_error(self, text: str) -> None:
+        self.send(BOOT_ERROR + text[-60000:])

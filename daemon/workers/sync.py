@@ -1,0 +1,79 @@
+"""The sync worker: one connection at a time, `Connection: close`, accepting
+directly on the shared listeners (the kernel spreads connections)."""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import time
+
+from ..http import ServerInfo, handle_connection
+from .. import log
+from .base import Worker
+
+_ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
+
+
+def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
+    address = listener.address
+    if address.startswith("unix:"):
+        name, port = address[5:], ""
+    else:
+        name, _, port = address.rpartition(":")
+        name = name.strip("[]")
+    return ServerInfo(server_name=name, server_port=port,
+                      limit_request_line=cfg["limit_request_line"],
+                      limit_request_fields=cfg["limit_request_fields"],
+                      limit_request_field_size=cfg["limit_request_field_size"],
+                      multithread=multithread)
+
+
+class SyncWorker(Worker):
+    def serve(self) -> None:
+        sockets = [(l.sock, server_info(l, self.cfg)) for l in self.listeners]
+        selector = selectors.DefaultSelector()
+        for sock, _ in sockets:
+            selector.register(sock, selectors.EVENT_READ)
+        selector.register(self.wake_r, selectors.EVENT_READ)
+        access_log = log.AccessLog(self.cfg["access_log"], self.cfg["log_format"])
+        app = self.app
+        while self.alive:
+            served = 0
+            for sock, info in sockets:
+                if not self.alive:
+                    break
+                served += self.accept_one(sock, info, app, access_log)
+            if served:
+                self.heartbeat()
+                continue
+            if not self.master_alive():
+                self.log.warning("master_gone", detail="stopping")
+                break
+            self.heartbeat()
+            self.wait_readable(selector, 1.0)
+        if self.sweep:
+            self.sweep_backlog(sockets, app, access_log)
+        selector.close()
+
+    def accept_one(self, sock, info, app, access_log) -> int:
+        try:
+            conn, addr = sock.accept()
+        except OSError as exc:
+            if exc.errno in _ACCEPT_ERRORS:
+                return 0
+            raise
+        conn.setblocking(True)
+        try:
+            handle_connection(conn, addr, app, info, access_log)
+        finally:
+            conn.close()
+        self.count_request()
+        return 1
+
+    def sweep_backlog(self, sockets, app, access_log) -> None:
+        """On drain: serve the connections already queued, bounded by graceful_timeout."""
+        deadline = time.monotonic() + self.cfg["graceful_timeout"]
+        while time.monotonic() < deadline:
+            served = sum(self.accept_one(sock, info, app, access_log) for sock, info in sockets)
+            if not served:
+                return
