@@ -79,16 +79,20 @@ class Channel:
                 break
             self.on_message(self, message)
 
-    def flush_and_close(self, timeout: float = 1.0) -> None:
-        """Send what is buffered (bounded by `timeout`), then close. Used just before exit."""
+    def flush_pending(self, timeout: float = 1.0) -> None:
+        """Send what is buffered, blocking at most `timeout`. Used just before exit or exec."""
         if not self.closed and self.outbuf:
-            self.sock.setblocking(True)
             self.sock.settimeout(timeout)
             try:
                 self.sock.sendall(self.outbuf)
                 self.outbuf.clear()
             except OSError:
                 pass
+            finally:
+                self.sock.setblocking(False)
+
+    def flush_and_close(self, timeout: float = 1.0) -> None:
+        self.flush_pending(timeout)
         self.close("done")
 
     def close(self, reason: str) -> None:

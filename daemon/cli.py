@@ -89,14 +89,20 @@ def check(cfg: config.Config) -> int:
 
 
 def start(cfg: config.Config, flags: dict) -> int:
-    from . import log
+    from . import log, reexec
     from .control import ControlSocketError
     from .daemon import Daemon
 
+    state = reexec.read_state()
+    if state is not None:  # re-exec'd in place: keep the running config, not a re-read one
+        cfg = config.Config(state["config"]["values"], state["config"]["sources"])
+        flags = state["flags"]
     log.configure(cfg.log_format, cfg.log_level, cfg.error_log)
     try:
         daemon = Daemon(cfg, flags)
-        return daemon.run()
+        if state is not None:
+            daemon.environ = state["environ"]
+        return daemon.run(state)
     except (OSError, ControlSocketError) as exc:
         log.get(role="daemon").error("start_failed", error=str(exc))
         print(f"appd: {exc}", file=sys.stderr)

@@ -52,26 +52,33 @@ def prepare_path(path: str) -> None:
 
 
 class ControlServer:
-    def __init__(self, daemon, cfg):
+    def __init__(self, daemon, cfg, adopt_fd: int | None = None):
         self.daemon = daemon
         self.loop = daemon.loop
         self.path = cfg.control_socket
         self.allowed_uids = {0, os.getuid(), *cfg.control_allow_uids}
         self.allowed_gids = set(cfg.control_allow_gids)
+        self.clients: set[ControlClient] = set()
+        if adopt_fd is not None:  # re-exec in place: the socket is already bound and listening
+            self.sock = socket.socket(fileno=adopt_fd)
+        else:
+            self.sock = self._bind(cfg)
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock, self.accept)
+
+    def _bind(self, cfg) -> socket.socket:
         prepare_path(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            self.sock.bind(self.path)
+            sock.bind(self.path)
         finally:
             os.umask(old_umask)
         os.chmod(self.path, cfg.control_socket_mode)
         if cfg.control_socket_group:
             os.chown(self.path, -1, grp.getgrnam(cfg.control_socket_group).gr_gid)
-        self.sock.listen(128)
-        self.sock.setblocking(False)
-        self.clients: set[ControlClient] = set()
-        self.loop.add_reader(self.sock, self.accept)
+        sock.listen(128)
+        return sock
 
     def accept(self, mask: int) -> None:
         while True:

@@ -15,11 +15,11 @@ import time
 
 from appdctl import protocol
 
-from . import __version__, config, listeners as listeners_mod, log, proc, systemd
+from . import __version__, config, listeners as listeners_mod, log, proc, reexec, systemd
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
-from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
+from .operations import ReexecDaemon, Reload, Scale, Shutdown, Start, Stop, Upgrade
 
 # Settings only the daemon uses; a master gets everything else.
 _DAEMON_ONLY = {"config", "bind", "backlog", "pidfile", "control_socket", "control_socket_mode",
@@ -54,20 +54,29 @@ class Daemon:
 
     # --- life ---
 
-    def run(self) -> int:
+    def run(self, state: dict | None = None) -> int:
+        """The daemon's life. `state` is set when the previous image re-exec'd us in place."""
         proc.become_subreaper()
         proc.set_title("appd: daemon")
-        inherited = listeners_mod.from_systemd()
-        self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited)
+        if state is not None:
+            reexec.restore(self, state)
+        else:
+            inherited = listeners_mod.from_systemd()
+            self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited)
+            self.control = ControlServer(self, self.cfg)
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
-        self.control = ControlServer(self, self.cfg)
         self.write_pidfile()
         self.loop.catch([signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
                          signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD], self.on_signal)
-        self.log.info("daemon_started", version=__version__, listeners=[l.address for l in self.listeners],
-                      control_socket=self.control.path, workers=self.target)
-        self.start_first_generation()
+        self.log.info("daemon_reexecuted" if state else "daemon_started", version=__version__,
+                      listeners=[l.address for l in self.listeners], control_socket=self.control.path,
+                      workers=self.target)
+        if state is not None:
+            self.reap()  # children that exited while we were exec'ing
+            systemd.notify("READY=1", self.status_line())
+        else:
+            self.start_first_generation()
         watchdog = systemd.watchdog_interval(self.environ)
         if watchdog:
             self.watchdog(watchdog)
@@ -182,6 +191,8 @@ class Daemon:
             generation = next((g for g in self.generations if g.pid == pid and g.alive), None)
             if generation is not None:
                 self.on_generation_exit(generation, proc.describe_exit(status))
+            elif self.operation is not None:
+                self.operation.on_child_exit(pid, status)
 
     def on_generation_exit(self, generation: Generation, how: str) -> None:
         was = generation.state
@@ -243,7 +254,7 @@ class Daemon:
         if self.state == "stopping":
             operation.responder.fail(protocol.BUSY, "busy: the daemon is stopping")
             return False
-        if isinstance(operation, (Upgrade, Reload)):
+        if isinstance(operation, (Upgrade, Reload, ReexecDaemon)):
             self.loop.cancel(self.recovery_timer)
             systemd.notify(*systemd.reloading_lines())
         self.operation = operation

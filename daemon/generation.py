@@ -68,11 +68,18 @@ class Generation:
         finally:
             theirs.close()
         os.close(out_w)
-        os.set_blocking(out_r, False)
-        self.output_fd = out_r
-        loop.add_reader(out_r, lambda mask: self._read_output(loop))
-        self.channel = Channel(loop, ours, lambda ch, msg: on_message(self, msg), lambda ch, why: None)
+        self.adopt(loop, ours.detach(), out_r, on_message)
         self.channel.send({"t": "config", "settings": settings, "target": target})
+
+    def adopt(self, loop, channel_fd: int, output_fd: int, on_message) -> None:
+        """Take over a running generation's descriptors (daemon re-exec in place)."""
+        if channel_fd >= 0:
+            sock = socket.socket(fileno=channel_fd)
+            self.channel = Channel(loop, sock, lambda ch, msg: on_message(self, msg), lambda ch, why: None)
+        if output_fd >= 0:
+            self.output_fd = output_fd
+            os.set_blocking(output_fd, False)
+            loop.add_reader(output_fd, lambda mask: self._read_output(loop))
 
     def _read_output(self, loop) -> bool:
         """Forward what the generation printed to our stderr and keep its tail; True if any."""

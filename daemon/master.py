@@ -98,16 +98,22 @@ class Master:
         for _ in range(count):
             self.spawn_worker()
 
+    @property
+    def worker_cls(self):
+        return worker_class(self.cfg["worker_class"])
+
     def spawn_worker(self) -> None:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         serial = next(self.serials)
+        parent_sock, child_sock = self.worker_cls.report_sockets(serial)
         pid = os.fork()
         if pid == 0:
-            parent_sock.close()
+            if parent_sock is not child_sock:
+                parent_sock.close()
             self._become_worker(child_sock, serial)  # never returns
-        child_sock.close()
+        if parent_sock is not child_sock:
+            child_sock.close()
         parent_sock.setblocking(False)
-        handle = WorkerHandle(pid, parent_sock, serial)
+        handle = WorkerHandle(pid, parent_sock, serial, heartbeats=self.worker_cls.HEARTBEAT)
         self.workers[pid] = handle
         self.loop.add_reader(parent_sock, lambda mask, h=handle: self.on_worker_report(h))
         self.dirty = True
@@ -127,7 +133,7 @@ class Master:
             self.channel.sock.close()
             for handle in self.workers.values():
                 handle.sock.close()
-            worker = worker_class(self.cfg["worker_class"])(
+            worker = self.worker_cls(
                 master_pid=self.pid, generation=self.generation, serial=serial,
                 listeners=self.listeners, cfg=self.cfg, app=self.app, report_sock=report_sock)
             code = worker.run()
@@ -173,16 +179,24 @@ class Master:
                     handle.kill(signal.SIGKILL)
                     handle.aborted_at = now
             elif not handle.ready:
-                if now - handle.spawned_at > self.cfg["boot_timeout"]:
+                if self.quiet_ready(handle, now):
+                    self.on_worker_ready(handle)
+                elif now - handle.spawned_at > self.cfg["boot_timeout"]:
                     handle.boot_error = f"not ready within boot_timeout ({self.cfg['boot_timeout']} s)"
                     self.log.error("worker_boot_timeout", worker=handle.pid)
                     handle.kill(signal.SIGKILL)
                     handle.aborted_at = now
-            elif self.cfg["timeout"] and now - handle.last_heartbeat > self.cfg["timeout"]:
+            elif handle.heartbeats and self.cfg["timeout"] and now - handle.last_heartbeat > self.cfg["timeout"]:
                 self.log.error("worker_timeout", worker=handle.pid, timeout=self.cfg["timeout"],
                                detail="SIGABRT, then SIGKILL")
                 handle.kill(signal.SIGABRT)
                 handle.aborted_at = now
+
+    def quiet_ready(self, handle: WorkerHandle, now: float) -> bool:
+        """A command worker that never speaks READY=1 counts as ready after ready_delay."""
+        delay = self.cfg["ready_delay"]
+        return (self.cfg["worker_class"] == "command" and delay > 0
+                and now - handle.spawned_at >= delay)
 
     def manage_workers(self) -> None:
         """Keep `target` incoming workers; retire outgoing ones once enough are ready."""
@@ -219,7 +233,8 @@ class Master:
         if self.phase != STOPPING:
             self.phase = STOPPING
             self.stop_deadline = time.monotonic() + self.cfg["graceful_timeout"]
-        signum = (signal.SIGUSR2 if sweep else signal.SIGTERM) if graceful else signal.SIGQUIT
+        cls = self.worker_cls
+        signum = (cls.DRAIN_SIGNAL if sweep else cls.GRACEFUL_SIGNAL) if graceful else cls.QUICK_SIGNAL
         for handle in self.workers.values():
             handle.stop(signum)
         if not graceful:
@@ -231,10 +246,15 @@ class Master:
 
     def on_worker_report(self, handle: WorkerHandle) -> None:
         if handle.read_reports():
-            self.dirty = True
-            self.spawn_failures = 0
-            self.channel.send({"t": "worker_ready", "pid": handle.pid, "ready": self.ready_count(),
-                               "target": self.target})
+            self.on_worker_ready(handle)
+
+    def on_worker_ready(self, handle: WorkerHandle) -> None:
+        if not handle.ready:
+            handle.mark_ready()
+        self.dirty = True
+        self.spawn_failures = 0
+        self.channel.send({"t": "worker_ready", "pid": handle.pid, "ready": self.ready_count(),
+                           "target": self.target})
 
     def on_worker_exit(self, handle: WorkerHandle, how: str) -> None:
         if handle.ready or handle.stop_sent_at is not None:
@@ -317,7 +337,7 @@ class Master:
             if handle.outgoing:
                 handle.outgoing = False
             elif handle.stop_sent_at is None:
-                handle.stop(signal.SIGQUIT)
+                handle.stop(self.worker_cls.QUICK_SIGNAL)
         self.finish_reload(ok=False, reason=reason, output=output)
 
     def retire(self, pid: int) -> None:
@@ -361,7 +381,8 @@ class Master:
             self.log.exception("hook_failed", hook=name)
 
 
-def read_first_message(sock: socket.socket, timeout: float = 30.0) -> dict:
+def read_config_message(sock: socket.socket, timeout: float = 30.0) -> tuple[dict, list]:
+    """Block for the daemon's first message (the config); return it and any that followed."""
     sock.settimeout(timeout)
     decoder = FrameDecoder()
     while True:
@@ -370,14 +391,14 @@ def read_first_message(sock: socket.socket, timeout: float = 30.0) -> dict:
             raise SystemExit("appd master: the daemon closed the channel before sending the config")
         messages = decoder.feed(data)
         if messages:
-            return messages[0]
+            return messages[0], messages[1:]
 
 
 def main() -> int:
     generation = int(os.environ["APPD_GENERATION"])
     daemon_pid = int(os.environ["APPD_DAEMON_PID"])
     channel_sock = socket.socket(fileno=int(os.environ["APPD_CHANNEL_FD"]))
-    first = read_first_message(channel_sock)
+    first, pending = read_config_message(channel_sock)
     cfg, target = first["settings"], first["target"]
     log.configure(cfg["log_format"], cfg["log_level"], cfg["error_log"], generation=generation)
     os.chdir(cfg["chdir"])
@@ -386,6 +407,8 @@ def main() -> int:
     proc.die_with_parent(signal.SIGTERM)
     listeners = listeners_mod.from_generation_env()
     master = Master(cfg, target, listeners, channel_sock, generation, daemon_pid)
+    for message in pending:
+        master.on_daemon_message(master.channel, message)
     return master.run()
 
 

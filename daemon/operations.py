@@ -5,10 +5,13 @@ succeed() or fail()."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from appdctl import protocol
 
+from . import proc, reexec
 from .config import ConfigError
 
 
@@ -37,6 +40,9 @@ class Operation:
 
     def tick(self, now: float) -> None:
         pass
+
+    def on_child_exit(self, pid: int, status: int) -> None:
+        """A child that is not a master exited (e.g. a probe this operation started)."""
 
     def progress(self, name: str, **fields) -> None:
         self.log.info(name, **fields)
@@ -72,7 +78,7 @@ class Upgrade(Operation):
             return
         self.phase = "booting"
         self.deadline = time.monotonic() + daemon.cfg.boot_timeout
-        self.progress("spawned", generation=self.new.id, pid=self.new.pid, target=daemon.target)
+        self.progress("spawned", generation=self.new.id, master_pid=self.new.pid, target=daemon.target)
 
     def on_message(self, generation, message: dict) -> None:
         if generation is not self.new or self.phase != "booting":
@@ -91,7 +97,7 @@ class Upgrade(Operation):
         self.last_progress = 0.0
         for generation in self.old:
             self.daemon.drain_generation(generation, sweep=False)
-        self.progress("ready", generation=self.new.id, workers=self.new.snapshot.get("ready"))
+        self.progress("ready", generation=self.new.id, workers=self.daemon.target)
         self.maybe_done()
 
     def maybe_done(self) -> None:
@@ -339,3 +345,48 @@ class Start(Upgrade):
     """The first generation: an upgrade from nothing."""
 
     name = "start"
+
+
+class ReexecDaemon(Operation):
+    """upgrade --daemon: the daemon execs its own new code in place, keeping
+    its PID, listeners, control socket, clients and running generations. The
+    new code is first imported in a child; if that fails, nothing changes."""
+
+    name = "upgrade-daemon"
+
+    def start(self) -> None:
+        try:
+            self.probe_pid, self.probe_out = reexec.start_probe()
+        except OSError as exc:
+            self.fail(protocol.FAILED, f"daemon re-exec refused, the old daemon keeps running: {exc}")
+            return
+        self.deadline = time.monotonic() + 30.0
+        self.progress("probing_new_code", pid=self.probe_pid)
+
+    def on_child_exit(self, pid: int, status: int) -> None:
+        if pid != self.probe_pid:
+            return
+        output = self._read_probe_output()
+        if status != 0:
+            self.fail(protocol.FAILED, "daemon re-exec refused, the old daemon keeps running: the new code "
+                      f"failed to load ({proc.describe_exit(status)})", output=output)
+            return
+        self.progress("exec")
+        client = getattr(self.responder, "client", None)
+        reason = reexec.execute(self.daemon, client, getattr(self.responder, "request_id", None))
+        self.fail(protocol.FAILED, f"daemon re-exec failed, the old daemon keeps running: {reason}")
+
+    def _read_probe_output(self) -> str:
+        chunks = []
+        try:
+            while chunk := os.read(self.probe_out, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        os.close(self.probe_out)
+        return b"".join(chunks).decode("utf-8", "replace")[-4000:]
+
+    def tick(self, now: float) -> None:
+        if now > self.deadline:
+            os.kill(self.probe_pid, signal.SIGKILL)
+            self.fail(protocol.FAILED, "daemon re-exec refused: the new code did not load within 30 s")

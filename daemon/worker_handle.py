@@ -13,8 +13,9 @@ BOOTING, READY, STOPPING = "booting", "ready", "stopping"
 
 
 class WorkerHandle:
-    def __init__(self, pid: int, sock: socket.socket, serial: int):
+    def __init__(self, pid: int, sock: socket.socket, serial: int, heartbeats: bool = True):
         self.pid = pid
+        self.heartbeats = heartbeats  # held to `timeout` (a command worker only once it sends WATCHDOG=1)
         self.sock = sock              # master's end of the notify socket
         self.serial = serial          # spawn order within the generation
         self.spawned_at = time.monotonic()
@@ -59,6 +60,7 @@ class WorkerHandle:
                 became_ready = True
             if fields.get("WATCHDOG") == "1" or "X_APPD_REQUESTS" in fields:
                 self.last_heartbeat = now
+                self.heartbeats = True
             if "X_APPD_REQUESTS" in fields:
                 self.requests = int(fields["X_APPD_REQUESTS"] or 0)
             if "X_APPD_BUSY" in fields:
@@ -69,6 +71,10 @@ class WorkerHandle:
             os.kill(self.pid, signum)
         except ProcessLookupError:
             pass
+
+    def mark_ready(self) -> None:
+        self.ready_at = time.monotonic()
+        self.last_heartbeat = self.ready_at
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask the worker to stop (TERM: finish the request in hand)."""

@@ -3,11 +3,15 @@ exec (new code, new interpreter: `python` and `chdir` are re-resolved now),
 wait until every worker is ready (and passes ready_check), then drain the old
 generation. If the new one exits, fails to boot or is not ready within
 boot_timeout it is stopped, the old one keeps serving untouched, and the
-reply is rolled_back with the reason and the new generation's last output."""
+reply is rolled_back with the reason and the new generation's last output.
+
+upgrade --daemon: re-exec the daemon itself in place (same PID, listeners,
+control socket and generations); refused, with nothing changed, when the
+new daemon code does not import."""
 
 from appdctl import protocol
 
-from ..operations import Upgrade
+from ..operations import ReexecDaemon, Upgrade
 from ._detach import begin
 
 
@@ -17,7 +21,6 @@ def run(daemon, args, responder):
         responder.fail(protocol.BAD_REQUEST, "upgrade: env must map strings to strings")
         return
     if args.get("daemon"):
-        responder.fail(protocol.FAILED, "upgrade --daemon (re-exec of the daemon in place) is not "
-                       "implemented yet; nothing changed")
+        daemon.begin(ReexecDaemon(daemon, responder, {}))
         return
     begin(daemon, Upgrade(daemon, responder, {"env": env}), args["wait"])

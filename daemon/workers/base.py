@@ -27,6 +27,16 @@ from .notify import Reporter
 
 
 class Worker:
+    GRACEFUL_SIGNAL = signal.SIGTERM
+    DRAIN_SIGNAL = signal.SIGUSR2
+    QUICK_SIGNAL = signal.SIGQUIT
+    HEARTBEAT = True
+
+    @staticmethod
+    def report_sockets(serial: int) -> tuple[socket.socket, socket.socket]:
+        """(master's end, worker's end) of the notify channel."""
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
     def __init__(self, *, master_pid: int, generation: int, serial: int, listeners: list,
                  cfg: dict, app, report_sock: socket.socket):
         self.master_pid = master_pid
@@ -37,6 +47,7 @@ class Worker:
         self.app = app
         self.reporter = Reporter(report_sock)
         self.alive = True
+        self.serving = False  # until then a stop request ends the worker at once
         self.sweep = False
         self.requests = 0
         self.last_heartbeat = 0.0
@@ -52,6 +63,9 @@ class Worker:
         code = self.boot()
         if code:
             return code
+        self.serving = True
+        if not self.alive:
+            return 0
         self.reporter.ready()
         self.log.debug("worker_ready", serial=self.serial)
         try:
@@ -90,9 +104,9 @@ class Worker:
                 ok, status = app_loading.ready_check(self.app, path)
                 if not ok:
                     raise app_loading.AppLoadError(f"ready_check GET {path} answered {status!r}")
-        except BaseException as exc:
-            if isinstance(exc, SystemExit) and not self.alive:
-                return 0
+        except SystemExit:
+            raise  # told to stop while booting
+        except BaseException:
             text = traceback.format_exc()
             sys.stderr.write(text)
             sys.stderr.flush()
@@ -144,10 +158,12 @@ class Worker:
 
     def _graceful(self, signum, frame) -> None:
         self.alive = False
+        if not self.serving:
+            raise SystemExit(0)  # nothing accepted yet: no reason to finish booting
 
     def _drain(self, signum, frame) -> None:
         self.sweep = True
-        self.alive = False
+        self._graceful(signum, frame)
 
     def _quick(self, signum, frame) -> None:
         raise SystemExit(0)

@@ -21,6 +21,13 @@ def _reply(start_response, body: bytes, status="200 OK", ctype="text/plain"):
 
 
 def hello(environ, start_response):
+    body = b"Hello, world!\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def hello_unsized(environ, start_response):
+    """No Content-Length: the server adds one for a list of one bytes object."""
     return _reply(start_response, b"Hello, world!\n")
 
 

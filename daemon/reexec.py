@@ -1,0 +1,169 @@
+"""Re-exec of the daemon in place (`appdctl upgrade --daemon`): the daemon
+execve()s its own, possibly new, code and keeps its PID, listeners, control
+socket, connected clients and running generations.
+
+State crosses the exec as one versioned msgpack map in a memfd whose number
+is in APPD_DAEMON_STATE_FD. Before the exec, the new code is probed in a
+child interpreter; if it cannot import or cannot read this state version,
+nothing happens and the old daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+
+from appdctl import protocol
+
+from . import __version__
+
+STATE_VERSION = 1
+STATE_FD_ENV = "APPD_DAEMON_STATE_FD"
+_PROBE = ("import sys, appd.daemon, appd.reexec as r; "
+          "sys.exit(0 if int(sys.argv[1]) in r.READABLE_VERSIONS else 3)")
+READABLE_VERSIONS = (1,)
+
+
+def start_probe() -> tuple[int, int]:
+    """Start a child that imports the new daemon code; returns (pid, fd of its output).
+    Exit 0: fine; 3: cannot read our state version; anything else: broken code."""
+    out_r, out_w = os.pipe()
+    try:
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", _PROBE, str(STATE_VERSION)],
+                             dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1),
+                                                             (os.POSIX_SPAWN_DUP2, out_w, 2)])
+    finally:
+        os.close(out_w)
+    os.set_blocking(out_r, False)
+    return pid, out_r
+
+
+def snapshot(daemon, client=None, request_id=None) -> dict:
+    """Everything the next image needs, with fds by number."""
+    return {
+        "version": STATE_VERSION,
+        "argv": sys.argv,
+        "flags": daemon.flags,
+        "config": {"values": daemon.cfg.values, "sources": daemon.cfg.sources},
+        "environ": daemon.environ,
+        "target": daemon.target,
+        "started_wall": time.time() - (time.monotonic() - daemon.started),
+        "next_generation": daemon.next_generation,
+        "last_operation": daemon.last_operation,
+        "operation_age": time.monotonic() - daemon.operation.started if daemon.operation else 0.0,
+        "crashes": daemon.crashes,
+        "state": daemon.state,
+        "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec} for l in daemon.listeners],
+        "control": {"fd": daemon.control.sock.fileno(), "path": daemon.control.path},
+        "clients": [{"fd": c.channel.sock.fileno(), "buffer": bytes(c.channel.decoder.buffer),
+                     "reply_to": request_id if c is client else None}
+                    for c in daemon.control.clients if not c.channel.closed],
+        "generations": [{
+            "id": g.id, "pid": g.pid, "state": g.state, "started_at": g.started_at,
+            "age": time.monotonic() - g.started_mono,
+            "ready_age": None if g.ready_at is None else time.monotonic() - g.ready_at,
+            "channel_fd": g.channel.sock.fileno() if g.channel and not g.channel.closed else -1,
+            "output_fd": g.output_fd, "snapshot": g.snapshot, "tail": list(g.tail),
+        } for g in daemon.generations if g.alive],
+    }
+
+
+def fds_of(state: dict) -> list[int]:
+    fds = [l["fd"] for l in state["listeners"]] + [state["control"]["fd"]]
+    fds += [c["fd"] for c in state["clients"]]
+    for g in state["generations"]:
+        fds += [fd for fd in (g["channel_fd"], g["output_fd"]) if fd >= 0]
+    return fds
+
+
+def execute(daemon, client, request_id) -> str:
+    """Flush, hand over and exec. Returns only on failure, with the reason."""
+    for c in list(daemon.control.clients):
+        c.channel.flush_pending(timeout=1.0)
+    for g in daemon.generations:
+        if g.channel and not g.channel.closed:
+            g.channel.flush_pending(timeout=1.0)
+    state = snapshot(daemon, client, request_id)
+    memfd = os.memfd_create("appd-state", 0)
+    os.write(memfd, msgpack.packb(state, use_bin_type=True))
+    os.lseek(memfd, 0, os.SEEK_SET)
+    fds = fds_of(state) + [memfd]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    env = {**os.environ, STATE_FD_ENV: str(memfd)}
+    argv = [sys.executable, "-m", "appd", *sys.argv[1:]]
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as exc:
+        for fd in fds[:-1]:
+            if fd not in (l.fd for l in daemon.listeners):
+                os.set_inheritable(fd, False)
+        os.close(memfd)
+        return f"exec of {sys.executable} failed: {exc.strerror or exc}"
+    return "unreachable"
+
+
+def read_state(environ=os.environ) -> dict | None:
+    """In the new image: the state left by the previous one, or None on a fresh start."""
+    fd = environ.get(STATE_FD_ENV)
+    if not fd:
+        return None
+    os.environ.pop(STATE_FD_ENV, None)
+    with os.fdopen(int(fd), "rb") as f:
+        state = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+    if state.get("version") not in READABLE_VERSIONS:
+        raise RuntimeError(f"daemon state version {state.get('version')} is not readable by this code")
+    for fd in fds_of(state):
+        os.set_inheritable(fd, False)
+    for listener in state["listeners"]:
+        os.set_inheritable(listener["fd"], True)  # generations inherit them
+    return state
+
+
+def restore(daemon, state: dict) -> None:
+    """Rebuild the daemon around the descriptors the previous image left open."""
+    from .control import ControlClient, ControlServer
+    from .generation import Generation
+    from .listeners import Listener
+
+    daemon.target = state["target"]
+    daemon.started = time.monotonic() - (time.time() - state["started_wall"])
+    daemon.next_generation = state["next_generation"]
+    daemon.last_operation = {"op": "upgrade-daemon", "ok": True, "outcome": "done", "error": None,
+                             "duration_s": round(state["operation_age"], 3)}
+    daemon.crashes = state["crashes"]
+    daemon.state = state["state"]
+    daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"]) for l in state["listeners"]]
+    daemon.control = ControlServer(daemon, daemon.cfg, adopt_fd=state["control"]["fd"])
+    now = time.monotonic()
+    for g in state["generations"]:
+        generation = Generation(g["id"], daemon.pid)
+        generation.pid, generation.state, generation.started_at = g["pid"], g["state"], g["started_at"]
+        generation.started_mono = now - g["age"]
+        generation.ready_at = None if g["ready_age"] is None else now - g["ready_age"]
+        generation.snapshot = g["snapshot"]
+        generation.tail.extend(g["tail"])
+        generation.adopt(daemon.loop, g["channel_fd"], g["output_fd"], daemon.on_generation_message)
+        daemon.generations.append(generation)
+        if generation.state == "draining":
+            daemon.loop.call_later(daemon.cfg.graceful_timeout + 5.0, lambda gen=generation: daemon._overstayed(gen))
+    for c in state["clients"]:
+        client = ControlClient(daemon.control, adopt_socket(c["fd"]))
+        daemon.control.clients.add(client)
+        if c["reply_to"] is not None:
+            client.send(protocol.ok_reply(c["reply_to"], {"outcome": "done", "pid": daemon.pid,
+                                                          "version": __version__}))
+        if c["buffer"]:
+            for message in client.channel.decoder.feed(c["buffer"]):
+                client.on_message(client.channel, message)
+
+
+def adopt_socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock

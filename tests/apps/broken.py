@@ -1,0 +1,3 @@
+"""An app that fails to import."""
+
+raise RuntimeError("broken deploy: this module cannot be imported")

@@ -1,0 +1,46 @@
+"""A command worker written in plain Python: it serves HTTP on the socket it
+inherits as LISTEN_FDS (fd 3) and says READY=1 on NOTIFY_SOCKET, as a
+systemd socket-activated service would. NO_READY=1 makes it never say it."""
+
+import os
+import socket
+import sys
+import time
+
+
+def notify(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+def main() -> None:
+    assert os.environ["LISTEN_PID"] == str(os.getpid()), "LISTEN_PID must be our pid"
+    count = int(os.environ["LISTEN_FDS"])
+    listener = socket.socket(fileno=3)
+    listener.setblocking(True)
+    version = os.environ.get("APP_VERSION", "v1")
+    time.sleep(float(os.environ.get("BOOT_SECONDS", "0")))
+    if not os.environ.get("NO_READY"):
+        notify("READY=1")
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            body = f"command worker {version} pid {os.getpid()} fds {count}\n".encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
