@@ -74,7 +74,7 @@ class Daemon:
                       workers=self.target)
         if state is not None:
             self.reap()  # children that exited while we were exec'ing
-            systemd.notify("READY=1", self.status_line())
+            self.notify("READY=1", self.status_line())
         else:
             self.start_first_generation()
         watchdog = systemd.watchdog_interval(self.environ)
@@ -97,7 +97,7 @@ class Daemon:
     def _first_generation_done(self, ok: bool, error: dict | None) -> None:
         if ok:
             self.state = "running"
-            systemd.notify("READY=1", self.status_line())
+            self.notify("READY=1", self.status_line())
         else:
             self.log.error("start_failed", reason=error.get("reason"), detail="the first generation never "
                            "became ready; see its output above")
@@ -110,7 +110,7 @@ class Daemon:
     def begin_shutdown(self) -> None:
         self.state = "stopping"
         self.loop.cancel(self.recovery_timer)
-        systemd.notify("STOPPING=1")
+        self.notify("STOPPING=1")
 
     def shutdown(self) -> None:
         for generation in self.generations:
@@ -256,7 +256,7 @@ class Daemon:
             return False
         if isinstance(operation, (Upgrade, Reload, ReexecDaemon)):
             self.loop.cancel(self.recovery_timer)
-            systemd.notify(*systemd.reloading_lines())
+            self.notify(*systemd.reloading_lines())
         self.operation = operation
         operation.start()
         return True
@@ -277,7 +277,7 @@ class Daemon:
                                      **{k: v for k, v in error.items() if k not in ("code", "message")})
         if isinstance(operation, (Upgrade, Reload)) and not isinstance(operation, Start) \
                 and self.state != "stopping":
-            systemd.notify("READY=1", self.status_line())
+            self.notify("READY=1", self.status_line())
         if self.state == "crashlooping" and self.serving is None and self.recovery_timer is None:
             self.recovery_timer = self.loop.call_later(1.0, self.recover)
 
@@ -372,8 +372,12 @@ class Daemon:
         return (f"STATUS=generation {serving.id if serving else '-'}, {ready}/{self.target} workers "
                 f"ready, last operation: {last}")
 
+    def notify(self, *lines: str) -> None:
+        """sd_notify, from the environment we started with (generations do not inherit it)."""
+        systemd.notify(*lines, environ=self.environ)
+
     def watchdog(self, interval: float) -> None:
-        systemd.notify("WATCHDOG=1")
+        self.notify("WATCHDOG=1")
         self.loop.call_later(interval, lambda: self.watchdog(interval))
 
     # --- pidfile ---

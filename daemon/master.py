@@ -224,6 +224,7 @@ class Master:
         if self.phase == BOOTING and ready >= self.target:
             self.phase = SERVING
             self.log.info("generation_ready", workers=ready)
+            self.report_workers(force=True)  # the daemon's table is current when it hears "ready"
             self.channel.send({"t": "ready"})
             self.call_hook("on_ready")
         if self.reload_state and ready >= self.target and not any(h.outgoing for h in self.workers.values()):
@@ -263,12 +264,16 @@ class Master:
                                      requests=handle.requests)
             return
         reason = f"worker {handle.pid} failed to boot ({how})"
-        self.log.error("worker_boot_failed", worker=handle.pid, status=how)
         output = handle.boot_error or ""
+        cause = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+        if cause:  # the exception line of the traceback names the cause
+            reason += f": {cause[:300]}"
+        self.log.error("worker_boot_failed", worker=handle.pid, status=how)
         if self.phase == BOOTING:
             self.channel.send({"t": "boot_failed", "reason": reason, "output": output})
             self.exit_code = EXIT_BOOT_FAILED
-            self.stop_workers(graceful=False)
+            # Graceful: workers still booting exit at once, booted ones may hold a request.
+            self.stop_workers(graceful=True)
         elif self.reload_state:
             self.abort_reload(reason, output)
         else:
