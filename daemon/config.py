@@ -301,3 +301,23 @@ def _finish(values: dict) -> None:
         raise ConfigError("invalid command: worker_class = command needs a command to run")
 
 
+
+
+def settings_markdown() -> str:
+    """The README's settings table, derived from SETTINGS (tests check it is current)."""
+    rows = ["| setting | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = s.default
+        if s.name == "python":
+            default = "the interpreter running appd"
+        elif s.name == "control_socket_mode":
+            default = "0600"
+        elif default in (None, [], ""):
+            default = "—"
+        flag = f"`{s.flag}`" + (f", `{s.short}`" if s.short else "")
+        rows.append(f"| `{s.name}` | {flag} | `{s.env}` | `{default}` | {s.help} |".replace("`—`", "—"))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())
