@@ -45,6 +45,11 @@ class Client:
             try:
                 sock.settimeout(self.timeout if self.timeout else None)
                 sock.connect(self.path)
+            except PermissionError:  # the file or its directory exists but is not ours to use
+                sock.close()
+                raise CommandError(protocol.PERMISSION_DENIED,
+                                   f"permission denied connecting to {self.path}: this user may not use "
+                                   "the control socket (see control_socket_mode and control_allow_uids)") from None
             except OSError as exc:
                 sock.close()
                 raise CommandError(protocol.UNREACHABLE,
@@ -72,12 +77,16 @@ class Client:
         self.connect()
         request_id = next(self._ids)
         args = {k: v for k, v in args.items() if v is not None}
-        self._sock.sendall(protocol.encode({"v": protocol.VERSION, "id": request_id,
-                                            "cmd": cmd, "args": args}))
+        try:
+            self._sock.sendall(protocol.encode({"v": protocol.VERSION, "id": request_id,
+                                                "cmd": cmd, "args": args}))
+        except OSError:
+            pass  # a daemon that refused us (busy, permission) has closed; its reason is still readable
         deadline = None if not self.timeout else time.monotonic() + self.timeout
         while True:
             message = self._next_message(deadline)
-            if message.get("id") != request_id:
+            # A refusal at accept time (busy, permission_denied) has id None: it is for us.
+            if message.get("id") != request_id and not (message.get("id") is None and message.get("ok") is False):
                 continue
             if "event" in message:
                 if on_event is not None:

@@ -43,12 +43,16 @@ def prepare_path(path: str) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:
+        owner = _CRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
+    except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)  # stale: its daemon is gone
         return
+    except OSError as exc:  # e.g. a live daemon too busy to accept: never delete its socket
+        raise ControlSocketError(f"cannot tell whether a daemon owns control socket {path}: "
+                                 f"{exc.strerror or exc}; refusing to replace it") from None
     finally:
         probe.close()
-    raise ControlSocketError(f"another appd is already running on control socket {path}")
+    raise ControlSocketError(f"another appd (pid {owner}) is already running on control socket {path}")
 
 
 class ControlServer:

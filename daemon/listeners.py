@@ -40,6 +40,8 @@ def parse_address(spec: str) -> Address:
         family = socket.AF_INET
         if not sep:
             raise ValueError(f"{spec!r} has no port; use HOST:PORT, [V6]:PORT, unix:PATH or fd://N")
+        if ":" in host:
+            raise ValueError(f"{spec!r}: an IPv6 address needs brackets, as in [::1]:8000")
         host = host or "0.0.0.0"
     try:
         port_number = int(port)

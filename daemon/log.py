@@ -66,7 +66,7 @@ def configure(log_format: str = "console", level: str = "info", error_log: str =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(destination),
+        logger_factory=structlog.WriteLoggerFactory(destination),  # one write per line: no interleaving
         cache_logger_on_first_use=False,
     )
 

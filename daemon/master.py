@@ -371,8 +371,10 @@ class Master:
             return
         self.dirty = False
         self.last_report = now
+        # Outgoing workers (reload, retire) are still ready and taking requests until told to stop.
+        taking_requests = sum(1 for h in self.workers.values() if h.ready and h.stop_sent_at is None)
         self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
-                           "ready": self.ready_count(),
+                           "ready": taking_requests,
                            "workers": [h.describe() for h in self.workers.values()]})
 
     def call_hook(self, name: str) -> None:
