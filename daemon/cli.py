@@ -33,7 +33,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appd", description="Zero-downtime upgrade daemon for web services.")
     parser.add_argument("--version", action="version", version=f"appd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)  # not "command": a setting has that name
     start = sub.add_parser("start", help="run the daemon in the foreground")
     check = sub.add_parser("check", help="validate the config and import the app in a child process")
     for command in (start, check):
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"appd: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "check":
+    if args.subcommand == "check":
         return check(cfg)
     return start(cfg, flags)
 

@@ -135,7 +135,8 @@ class Master:
                 handle.sock.close()
             worker = self.worker_cls(
                 master_pid=self.pid, generation=self.generation, serial=serial,
-                listeners=self.listeners, cfg=self.cfg, app=self.app, report_sock=report_sock)
+                listeners=self.listeners, cfg=self.cfg, app=self.app, report_sock=report_sock,
+                gated=self.phase == BOOTING)
             code = worker.run()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0
@@ -225,6 +226,8 @@ class Master:
             self.phase = SERVING
             self.log.info("generation_ready", workers=ready)
             self.report_workers(force=True)  # the daemon's table is current when it hears "ready"
+            for handle in self.workers.values():
+                handle.send("SERVE=1")  # cutover: the gated workers start accepting
             self.channel.send({"t": "ready"})
             self.call_hook("on_ready")
         if self.reload_state and ready >= self.target and not any(h.outgoing for h in self.workers.values()):

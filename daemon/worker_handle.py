@@ -66,6 +66,12 @@ class WorkerHandle:
             if "X_APPD_BUSY" in fields:
                 self.busy = fields["X_APPD_BUSY"] == "1"
 
+    def send(self, text: str) -> None:
+        try:
+            self.sock.send(text.encode())
+        except OSError:
+            pass  # gone, or a command worker (its socket is receive-only)
+
     def kill(self, signum: int) -> None:
         try:
             os.kill(self.pid, signum)

@@ -38,8 +38,9 @@ class Worker:
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 
     def __init__(self, *, master_pid: int, generation: int, serial: int, listeners: list,
-                 cfg: dict, app, report_sock: socket.socket):
+                 cfg: dict, app, report_sock: socket.socket, gated: bool = False):
         self.master_pid = master_pid
+        self.gated = gated  # born while the generation boots: accept only after SERVE=1
         self.generation = generation
         self.serial = serial
         self.listeners = listeners
@@ -68,6 +69,8 @@ class Worker:
             return 0
         self.reporter.ready()
         self.log.debug("worker_ready", serial=self.serial)
+        if self.gated and not self.wait_for_cutover():
+            return 0
         try:
             self.serve()
         finally:
@@ -116,6 +119,22 @@ class Worker:
 
     def serve(self) -> None:
         raise NotImplementedError
+
+    def wait_for_cutover(self) -> bool:
+        """Wait until the master says the whole generation is ready (SERVE=1), so a
+        generation that will be rolled back never answers a request."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.reporter.sock, selectors.EVENT_READ)
+        selector.register(self.wake_r, selectors.EVENT_READ)
+        try:
+            while self.alive and self.master_alive():
+                self.heartbeat()
+                for key, _ in self.wait_readable(selector, 1.0):
+                    if key.fileobj is self.reporter.sock and self.reporter.told_to_serve():
+                        return True
+            return False
+        finally:
+            selector.close()
 
     # --- helpers for subclasses ---
 

@@ -34,8 +34,8 @@ class CommandWorker:
         return sock, sock
 
     def __init__(self, *, master_pid: int, generation: int, serial: int, listeners: list,
-                 cfg: dict, app, report_sock: socket.socket):
-        self.master_pid = master_pid
+                 cfg: dict, app, report_sock: socket.socket, gated: bool = False):
+        self.master_pid = master_pid  # a foreign program accepts when it likes: never gated
         self.generation = generation
         self.listeners = listeners
         self.cfg = cfg

@@ -4,6 +4,7 @@ language that speaks sd_notify can be a worker.
 
 Keys: READY=1, WATCHDOG=1 (heartbeat), STATUS=..., and appd's own
 X_APPD_REQUESTS=n, X_APPD_BUSY=0|1, X_APPD_BOOT_ERROR=<text to the end>.
+The master answers a booting generation's workers with SERVE=1 at cutover.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class Reporter:
 
     def heartbeat(self, requests: int, busy: bool = False) -> None:
         self.send(f"WATCHDOG=1\nX_APPD_REQUESTS={requests}\nX_APPD_BUSY={int(busy)}")
+
+    def told_to_serve(self) -> bool:
+        """Read the master's datagrams; True once it sent SERVE=1."""
+        try:
+            while True:
+                if parse(self.sock.recv(4096)).get("SERVE") == "1":
+                    return True
+        except OSError:
+            return False
 
     def boot_error(self, text: str) -> None:
         self.send(BOOT_ERROR + text[-60000:])
