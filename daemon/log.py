@@ -19,7 +19,8 @@ class LogFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.lock = threading.Lock()
+        # Reentrant: a SIGUSR1 handler may reopen while this thread is inside write().
+        self.lock = threading.RLock()
         self.file = sys.stderr if path == "-" else open(path, "a", buffering=1)
 
     def write(self, text: str) -> None:

@@ -129,7 +129,7 @@ class Worker:
         try:
             while self.alive and self.master_alive():
                 self.heartbeat()
-                for key, _ in self.wait_readable(selector, 1.0):
+                for key, _ in self.wait_readable(selector, self.until_next_heartbeat()):
                     if key.fileobj is self.reporter.sock and self.reporter.told_to_serve():
                         return True
             return False
@@ -143,6 +143,10 @@ class Worker:
         if now - self.last_heartbeat >= 1.0:
             self.last_heartbeat = now
             self.reporter.heartbeat(self.requests)
+
+    def until_next_heartbeat(self) -> float:
+        """How long an idle wait may last so heartbeats stay about a second apart."""
+        return max(0.05, self.last_heartbeat + 1.0 - time.monotonic())
 
     def count_request(self) -> None:
         self.requests += 1

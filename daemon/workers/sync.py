@@ -50,7 +50,7 @@ class SyncWorker(Worker):
                 self.log.warning("master_gone", detail="stopping")
                 break
             self.heartbeat()
-            self.wait_readable(selector, 1.0)
+            self.wait_readable(selector, self.until_next_heartbeat())
         if self.sweep:
             self.sweep_backlog(sockets, app, access_log)
         selector.close()
