@@ -21,7 +21,7 @@ from wsgiref.validate import validator
 
 import pytest
 import structlog
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from appd.http import FileWrapper, ServerInfo, handle_connection
@@ -225,6 +225,22 @@ def test_duplicate_headers_are_joined():
     assert env["HTTP_X_DUP"] == "a,b" and env["HTTP_HOST"] == "x"
 
 
+@pytest.mark.parametrize("target, path, query", [
+    (b"http://example.com/env/p%20q?x=1", "/env/p q", "x=1"),  # absolute-form (proxies)
+    (b"/env?b#frag", "/env", "b"),
+    (b"*", "", ""),
+])
+def test_request_target_forms(target, path, query):
+    with serving() as server:
+        data = raw(server, b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = data.partition(b"\r\n\r\n")
+    env = json.loads(body) if path else None
+    if env is None:  # "*" routes nowhere: PATH_INFO "" -> the hello route
+        assert status.startswith(b"HTTP/1.1 200") and body == b"Hello, world!\n"
+    else:
+        assert (env["PATH_INFO"], env["QUERY_STRING"]) == (path, query)
+
+
 def test_unix_peer_has_empty_remote_addr():
     server_side, client = socket.socketpair()
     result = []
@@ -303,6 +319,7 @@ def test_unread_small_body_is_drained_for_keepalive():
         assert status == 200 and "connection" not in headers
         sock.sendall(b"456789GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(f)[2] == b"Hello, world!\n"
+        f.close()  # else the makefile keeps the fd open and the server idles on
     assert server.requests == 2
 
 
@@ -349,6 +366,7 @@ def test_204_has_no_body_or_length():
         assert status == 204 and "content-length" not in headers
         assert "transfer-encoding" not in headers
         assert read_response(f)[2] == b"Hello, world!\n"
+        f.close()
 
 
 @pytest.mark.parametrize("keepalive", [0.0, 5.0])
@@ -464,6 +482,7 @@ def test_file_wrapper_validated_and_without_fileno(data_file):
     (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 9000 + b"\r\n\r\n", 431),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),  # bad chunk
 ])
 def test_refused_requests(payload, status):
     log = AccessLog()
@@ -517,6 +536,21 @@ def test_client_reset_mid_response_is_quiet():
         sock.recv(1000)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     # Server.close() asserts the handler returned normally.
+
+
+def test_slow_clients_time_out_quietly(monkeypatch):
+    monkeypatch.setattr(wsgi_mod, "READ_TIMEOUT", 0.3)
+    log = AccessLog()
+    with serving(access_log=log) as server:
+        for stalled in (b"GET /hello HTTP/1.1\r\nHost:",  # head never finished
+                        b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123"):  # body
+            with server.connect() as sock:
+                sock.sendall(stalled)
+                started = time.monotonic()
+                assert read_until_close(sock) == b""  # dropped without an answer
+                assert time.monotonic() - started < 3.0
+    assert server.served == [0, 1]
+    assert [line[4] for line in log.lines] == ["499 Client Closed Request"]
 
 
 # -- keep-alive ------------------------------------------------------------------
@@ -620,15 +654,19 @@ def fuzz_server():
 
 
 _token = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"BREW", b"", b"get"])
-_line = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)
+_line = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+_target = st.one_of(st.sampled_from([b"/", b"/a%20b?x=1", b"*", b"http://h/p", b"/%zz"]), _line)
+_value = st.one_of(st.sampled_from([b"0", b"5", b"-1", b"99999999999999999999", b"chunked",
+                                    b"100-continue", b"close", b"keep-alive"]), _line)
 _header = st.tuples(st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding",
-                                     b"Expect", b"Connection", b"X-A", b""]), _line)
+                                     b"Expect", b"Connection", b"X-A", b"X_B", b""]), _value)
+_body = st.one_of(st.binary(max_size=64), st.sampled_from([b"hello", b"5\r\nhello\r\n0\r\n\r\n",
+                                                           b"zz\r\n", b"3\r\nab"]))
 _requestish = st.builds(
     lambda method, target, minor, headers, body: (
         method + b" " + target + b" HTTP/1." + minor + b"\r\n"
         + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n" + body),
-    _token, _line, st.sampled_from([b"0", b"1", b"9"]), st.lists(_header, max_size=6),
-    st.binary(max_size=64))
+    _token, _target, st.sampled_from([b"0", b"1", b"9"]), st.lists(_header, max_size=6), _body)
 STATUS_RE = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n")
 
 
@@ -650,5 +688,8 @@ def test_fuzz_never_raises_and_answers_sanely(fuzz_server, payload):
     if data:
         match = STATUS_RE.match(data)
         assert match, data[:200]
+        event(f"status {match.group(1).decode()}")
         assert match.group(1) in (b"100", b"200", b"400", b"414", b"431"), data[:200]
+    else:
+        event("no answer")
     assert not fuzz_server.errors

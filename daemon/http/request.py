@@ -13,6 +13,7 @@ import select
 import socket
 import time
 from collections import deque
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
@@ -50,6 +51,25 @@ def header_key(name: bytes) -> str | None:
     if len(_HEADER_KEYS) < _HEADER_KEYS_MAX:
         _HEADER_KEYS[name] = key
     return key
+
+
+def split_target(url: bytes) -> tuple[str, str]:
+    """PATH_INFO (percent-decoded, latin-1) and QUERY_STRING of a request target."""
+    if url[:1] == b"/":
+        path, _, query = url.partition(b"?")
+        if b"#" in query or b"#" in path:
+            path, _, query = url.partition(b"#")[0].partition(b"?")
+    elif url == b"*":
+        return "", ""
+    else:  # absolute-form (proxies) or authority-form (CONNECT)
+        try:
+            parsed = httptools.parse_url(url)
+            path, query = parsed.path or b"/", parsed.query or b""
+        except httptools.HttpParserInvalidURLError:
+            return "", ""
+    if b"%" in path:
+        path = unquote_to_bytes(path)
+    return path.decode("latin-1"), query.decode("latin-1")
 
 
 class Request:
@@ -121,7 +141,9 @@ class RequestReader:
             self._limit(HeadersTooLarge("too many header fields"))
         if self.limit_field_size and len(name) + len(value) + 2 > self.limit_field_size:
             self._limit(HeadersTooLarge("header field too large"))
-        key = header_key(name)
+        key = _HEADER_KEYS.get(name, False)  # inlined cache hit: once per header
+        if key is False:
+            key = header_key(name)
         if key is None:
             return
         fields = self.current.fields

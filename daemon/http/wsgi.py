@@ -11,13 +11,10 @@ import sys
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
-from urllib.parse import unquote_to_bytes
-
-import httptools
 import structlog
 
 from .errors import ClientDisconnected, HTTPError, error_response
-from .request import Input, Request, RequestReader
+from .request import Input, Request, RequestReader, split_target
 
 READ_TIMEOUT = 30.0          # a client this slow to send a request is dropped
 DRAIN_LIMIT = 64 * 1024      # unread body above this closes instead of draining
@@ -74,6 +71,8 @@ def _date_line() -> str:
 def _status_line(status: str) -> str:
     line = _STATUS_LINES.get(status)
     if line is None:
+        if "\r" in status or "\n" in status:
+            raise ValueError(f"status {status!r} contains a line break")
         line = f"HTTP/1.1 {status}\r\n"
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[status] = line
@@ -96,25 +95,6 @@ def _base_environ(info: ServerInfo) -> dict:
         "wsgi.file_wrapper": FileWrapper,
         "wsgi.input_terminated": True,
     }
-
-
-def _split_target(url: bytes) -> tuple[str, str]:
-    """PATH_INFO (percent-decoded, latin-1) and QUERY_STRING of a request target."""
-    if url[:1] == b"/":
-        path, _, query = url.partition(b"?")
-        if b"#" in query or b"#" in path:
-            path, _, query = url.partition(b"#")[0].partition(b"?")
-    elif url == b"*":
-        return "", ""
-    else:  # absolute-form (proxies) or authority-form (CONNECT)
-        try:
-            parsed = httptools.parse_url(url)
-            path, query = parsed.path or b"/", parsed.query or b""
-        except httptools.HttpParserInvalidURLError:
-            return "", ""
-    if b"%" in path:
-        path = unquote_to_bytes(path)
-    return path.decode("latin-1"), query.decode("latin-1")
 
 
 # -- one request ----------------------------------------------------------------
@@ -155,9 +135,11 @@ class Response:
     def write(self, data: bytes) -> None:
         if self.status is None:
             raise AssertionError("write() before start_response()")
+        if not data:
+            return  # PEP 3333: the head waits for the first non-empty body bytes
         if not self.headers_sent:
             self.send_head(data, None)
-        elif data:
+        else:
             self.send_body(data)
 
     def _sendall(self, data) -> None:
@@ -312,7 +294,7 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
     started = time.perf_counter() if access_log else 0.0
     environ = conn_env.copy()
     environ.update(req.fields)
-    path, query = _split_target(req.url)
+    path, query = split_target(req.url)
     environ["REQUEST_METHOD"] = req.method
     environ["PATH_INFO"] = path
     environ["QUERY_STRING"] = query
@@ -341,9 +323,10 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
             except Exception:
                 _log.error("app_error", exc_info=True, path=path, during="close")
                 resp.keep_alive = False
-    if access_log:
+    if access_log:  # 499 (nginx's code): the client left before any status was chosen
         access_log.write(environ.get("REMOTE_ADDR", ""), req.method, raw_uri, req.version,
-                         resp.status, resp.sent, time.perf_counter() - started)
+                         resp.status or "499 Client Closed Request", resp.sent,
+                         time.perf_counter() - started)
     return resp.keep_alive and inp.drain(DRAIN_LIMIT)
 
 
