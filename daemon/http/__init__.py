@@ -4,6 +4,6 @@ Workers build one ServerInfo per listener and call handle_connection() for
 every accepted connection; everything else here is internal.
 """
 
-from .wsgi import FileWrapper, ServerInfo, handle_connection
+from .wsgi import Connection, FileWrapper, ServerInfo, handle_connection
 
-__all__ = ["FileWrapper", "ServerInfo", "handle_connection"]
+__all__ = ["Connection", "FileWrapper", "ServerInfo", "handle_connection"]

@@ -102,11 +102,13 @@ def _base_environ(info: ServerInfo) -> dict:
 class Response:
     """start_response, write() and the framing of one response."""
 
-    __slots__ = ("sock", "req", "input", "keep_alive", "head_only", "status", "headers",
-                 "headers_sent", "chunked", "content_length", "sent", "client_gone")
+    __slots__ = ("sock", "req", "input", "keep_alive", "should_continue", "head_only", "status",
+                 "headers", "headers_sent", "chunked", "content_length", "sent", "client_gone")
 
-    def __init__(self, sock: socket.socket, req: Request, inp: Input, keep_alive: bool) -> None:
+    def __init__(self, sock: socket.socket, req: Request, inp: Input, keep_alive: bool,
+                 should_continue=None) -> None:
         self.sock = sock
+        self.should_continue = should_continue  # a stop during the request still says close
         self.req = req
         self.input = inp
         self.keep_alive = keep_alive
@@ -154,6 +156,8 @@ class Response:
         status = self.status
         if status is None:
             raise AssertionError("the application did not call start_response()")
+        if self.keep_alive and self.should_continue is not None and not self.should_continue():
+            self.keep_alive = False
         code = status[:3]
         no_body = code[0] == "1" or code == "204" or code == "304"
         parts = [_status_line(status)]
@@ -289,7 +293,7 @@ class Response:
 
 
 def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
-           keep_alive: bool, access_log) -> bool:
+           keep_alive: bool, access_log, should_continue=None) -> bool:
     """Run the app for one request; True if the connection may carry another."""
     started = time.perf_counter() if access_log else 0.0
     environ = conn_env.copy()
@@ -301,7 +305,7 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
     environ["RAW_URI"] = raw_uri = req.url.decode("latin-1")
     environ["SERVER_PROTOCOL"] = req.version
     environ["wsgi.input"] = inp = Input(reader, req)
-    resp = Response(sock, req, inp, keep_alive)
+    resp = Response(sock, req, inp, keep_alive, should_continue if keep_alive else None)
     result = None
     try:
         result = app(environ, resp.start_response)
@@ -362,6 +366,76 @@ def _always() -> bool:
     return True
 
 
+class Connection:
+    """One accepted connection and its parser state.
+
+    handle_connection() serves it start to finish (sync worker). The gthread
+    worker serves it in turns with park=True: between keep-alive requests the
+    connection is handed back, so an idle client holds no thread."""
+
+    def __init__(self, sock: socket.socket, client_addr, info: ServerInfo) -> None:
+        self.sock = sock
+        sock.settimeout(READ_TIMEOUT)
+        env = _base_environ(info).copy()
+        if isinstance(client_addr, tuple):
+            env["REMOTE_ADDR"] = str(client_addr[0])
+            env["REMOTE_PORT"] = str(client_addr[1])
+        else:  # unix socket peers are anonymous
+            env["REMOTE_ADDR"] = client_addr if isinstance(client_addr, str) else ""
+        self.env = env
+        self.reader = RequestReader(sock, info.limit_request_line, info.limit_request_fields,
+                                    info.limit_request_field_size)
+        self.served = 0
+
+    def serve(self, app, access_log=None, keepalive: float = 0.0, should_continue=_always,
+              on_request=None, park: bool = False) -> bool:
+        """Serve requests. Returns True when the connection is idle between keep-alive
+        requests and park=True: the caller waits until it is readable and calls
+        serve() again. Returns False once the connection is closed. Client errors
+        never raise out of here."""
+        reader, conn, conn_env = self.reader, self.sock, self.env
+        linger = False
+        idle = 0.0
+        try:
+            while True:
+                if park and idle and not reader.ready and not reader.in_head:
+                    return True  # nothing buffered: wait in the caller's poller, not in a thread
+                try:
+                    req = reader.next_request(idle, should_continue)
+                except HTTPError as exc:
+                    linger = True
+                    conn.sendall(error_response(exc.status, _date_line()))
+                    if access_log:
+                        access_log.write(conn_env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
+                    break
+                if req is None:
+                    break
+                keep = keepalive > 0 and req.keep_alive and should_continue()
+                try:
+                    keep = _serve(conn, reader, req, app, conn_env, keep, access_log, should_continue)
+                finally:
+                    self.served += 1
+                    if on_request is not None:
+                        on_request()
+                if not keep:
+                    # Unread input left behind would turn our close into an RST.
+                    linger = not reader.eof and (not req.complete or reader.done)
+                    break
+                idle = keepalive
+        except OSError:  # ClientDisconnected, reset, broken pipe, timeouts
+            linger = False
+        self.close(linger)
+        return False
+
+    def close(self, linger: bool = False) -> None:
+        if linger:
+            _linger_close(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 def handle_connection(conn: socket.socket, client_addr, app, info: ServerInfo,
                       access_log=None, keepalive: float = 0.0,
                       should_continue=_always, on_request=None) -> int:
@@ -369,51 +443,7 @@ def handle_connection(conn: socket.socket, client_addr, app, info: ServerInfo,
 
     keepalive == 0: one request, then close. keepalive > 0: HTTP/1.1
     persistent connection, idle for at most `keepalive` seconds between
-    requests, closed as soon as should_continue() is False. Client errors
-    never raise out of here."""
-    served = 0
-    linger = False
-    try:
-        conn.settimeout(READ_TIMEOUT)
-        conn_env = _base_environ(info).copy()
-        if isinstance(client_addr, tuple):
-            conn_env["REMOTE_ADDR"] = str(client_addr[0])
-            conn_env["REMOTE_PORT"] = str(client_addr[1])
-        else:  # unix socket peers are anonymous
-            conn_env["REMOTE_ADDR"] = client_addr if isinstance(client_addr, str) else ""
-        reader = RequestReader(conn, info.limit_request_line, info.limit_request_fields,
-                               info.limit_request_field_size)
-        idle = 0.0
-        while True:
-            try:
-                req = reader.next_request(idle, should_continue)
-            except HTTPError as exc:
-                linger = True
-                conn.sendall(error_response(exc.status, _date_line()))
-                if access_log:
-                    access_log.write(conn_env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
-                break
-            if req is None:
-                break
-            keep = keepalive > 0 and req.keep_alive and should_continue()
-            try:
-                keep = _serve(conn, reader, req, app, conn_env, keep, access_log)
-            finally:
-                served += 1
-                if on_request is not None:
-                    on_request()
-            if not keep:
-                # Unread input left behind would turn our close into an RST.
-                linger = not reader.eof and (not req.complete or reader.done)
-                break
-            idle = keepalive
-    except OSError:  # ClientDisconnected, reset, broken pipe, timeouts
-        linger = False
-    finally:
-        if linger:
-            _linger_close(conn)
-        try:
-            conn.close()
-        except OSError:
-            pass
-    return served
+    requests, closed as soon as should_continue() is False."""
+    connection = Connection(conn, client_addr, info)
+    connection.serve(app, access_log, keepalive, should_continue, on_request)
+    return connection.served

@@ -3,9 +3,21 @@ inherits as LISTEN_FDS (fd 3) and says READY=1 on NOTIFY_SOCKET, as a
 systemd socket-activated service would. NO_READY=1 makes it never say it."""
 
 import os
+import signal
 import socket
 import sys
 import time
+
+busy = False
+stopping = False
+
+
+def on_term(signum, frame):
+    """Graceful: exit now if waiting in accept(), else after the request in hand."""
+    global stopping
+    stopping = True
+    if not busy:
+        raise SystemExit(0)
 
 
 def notify(message: str) -> None:
@@ -24,11 +36,16 @@ def main() -> None:
     listener = socket.socket(fileno=3)
     listener.setblocking(True)
     version = os.environ.get("APP_VERSION", "v1")
+    if os.environ.get("FAIL_AT_START"):
+        raise SystemExit("notify_server: refusing to start, FAIL_AT_START is set")
     time.sleep(float(os.environ.get("BOOT_SECONDS", "0")))
     if not os.environ.get("NO_READY"):
         notify("READY=1")
-    while True:
+    global busy
+    signal.signal(signal.SIGTERM, on_term)
+    while not stopping:
         conn, _ = listener.accept()
+        busy = True
         with conn:
             conn.settimeout(5)
             data = b""
@@ -40,6 +57,7 @@ def main() -> None:
             body = f"command worker {version} pid {os.getpid()} fds {count}\n".encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                          % (len(body), body))
+        busy = False
 
 
 if __name__ == "__main__":
