@@ -178,6 +178,7 @@ def test_uvicorn_asgi_app_survives_upgrade(start_appd):
         code, result = appd.ctl_json("upgrade", "--env", "APP_VERSION=v2")
         assert code == 0, result
         load.wait_for(30)
-    assert len(load.failures) <= 3, load.report()
+    # At most one racing connection per load thread in each of the 2 old workers.
+    assert len(load.failures) <= 4 * 2, load.report()
     assert all("RemoteDisconnected" in (f.error or "") for f in load.failures), load.report()
     assert appd.get("/")[2].startswith(b"asgi v2")
