@@ -63,3 +63,14 @@ def ready_check(app, path: str) -> tuple[bool, str]:
             result.close()
     status = outcome.get("status", "no response")
     return status[:1] == "2", status
+
+
+def call_hook(spec: str | None, subject, log) -> None:
+    """Call a `module:function` hook with the master or worker; a failing hook is logged, not fatal."""
+    if not spec:
+        return
+    try:
+        module, _, func = spec.partition(":")
+        getattr(importlib.import_module(module), func)(subject)
+    except Exception:
+        log.exception("hook_failed")

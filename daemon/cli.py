@@ -5,7 +5,6 @@ Every option is derived from config.SETTINGS: --some-name for some_name."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 

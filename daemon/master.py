@@ -151,13 +151,7 @@ class Master:
                 os._exit(code)
 
     def reap_workers(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in proc.reaped_children():
             handle = self.workers.pop(pid, None)
             if handle is None:
                 continue
@@ -381,14 +375,7 @@ class Master:
                            "workers": [h.describe() for h in self.workers.values()]})
 
     def call_hook(self, name: str) -> None:
-        spec = self.cfg.get(name)
-        if not spec:
-            return
-        try:
-            module, _, func = spec.partition(":")
-            getattr(__import__(module, fromlist=[func]), func)(self)
-        except Exception:
-            self.log.exception("hook_failed", hook=name)
+        app_loading.call_hook(self.cfg.get(name), self, self.log.bind(hook=name))
 
 
 def read_config_message(sock: socket.socket, timeout: float = 30.0) -> tuple[dict, list]:

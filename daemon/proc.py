@@ -35,6 +35,18 @@ def set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+def reaped_children():
+    """Yield (pid, wait status) for every child that has exited, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def describe_exit(status: int) -> str:
     """A wait status as words: 'exit code 3' or 'killed by SIGKILL'."""
     if os.WIFSIGNALED(status):

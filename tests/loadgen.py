@@ -18,10 +18,11 @@ Addresses are "host:port", "[v6]:port" or "unix:/path".
 from __future__ import annotations
 
 import http.client
-import socket
 import threading
 import time
 from dataclasses import dataclass
+
+from conftest import UnixHTTPConnection
 
 __all__ = ["Load", "Result"]
 
@@ -39,20 +40,9 @@ class Result:
         return self.error is None and self.status is not None and 200 <= self.status < 400
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def _connection(address: str, timeout: float) -> http.client.HTTPConnection:
     if address.startswith("unix:"):
-        return _UnixConnection(address[5:], timeout)
+        return UnixHTTPConnection(address[5:], timeout)
     host, _, port = address.rpartition(":")
     return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
 

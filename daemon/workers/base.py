@@ -167,15 +167,7 @@ class Worker:
         return events
 
     def call_hook(self, name: str) -> None:
-        spec = self.cfg.get(name)
-        if not spec:
-            return
-        try:
-            module, _, func = spec.partition(":")
-            hook = getattr(__import__(module, fromlist=[func]), func)
-            hook(self)
-        except Exception:
-            self.log.exception("hook_failed", hook=name)
+        app_loading.call_hook(self.cfg.get(name), self, self.log.bind(hook=name))
 
     # --- signal handlers: record and wake ---
 
