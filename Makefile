@@ -19,12 +19,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# appd beside gunicorn 27 (about 12 minutes on 2 cores). Installs wrk from
+# Debian when it can; without it a Python load client measures throughput.
+# `make bench BENCH_ARGS="--quick --only hello,ctl"` for a short run.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) tests/bench/run.py
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -qq wrk >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } || \
+		echo "bench: wrk not installed; throughput will be measured with the Python load client"
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
+# Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints
+# its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the soak.
 chaos: $(STAMP)
-	$(PY) -m pytest -q tests/chaos
+	$(PY) -m pytest -q -s tests/chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -187,6 +187,8 @@ def format_status(status: dict) -> str:
         lines.append(f"last operation: {last['op']} {verdict} ({last['duration_s']} s)")
     if status.get("operation"):
         lines.append(f"running: {status['operation']}")
+    for crash in status.get("crashes") or []:
+        lines.append(f"crash: generation {crash['generation']} {crash['status']}")
     return "\n".join(lines)
 
 

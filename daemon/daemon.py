@@ -115,6 +115,7 @@ class Daemon:
     def shutdown(self) -> None:
         for generation in self.generations:
             generation.kill(signal.SIGKILL)
+        self.kill_stragglers()
         self.control.close()
         for listener in self.listeners:
             self._close_listener(listener)
@@ -180,13 +181,7 @@ class Daemon:
             self.recovered(generation)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in proc.reaped_children():
             self._processes.pop(pid, None)
             generation = next((g for g in self.generations if g.pid == pid and g.alive), None)
             if generation is not None:
@@ -202,14 +197,39 @@ class Daemon:
         generation.close(self.loop)
         self.log.info("generation_exited", generation=generation.id, status=how, was=was)
         # Orphaned workers (re-parented to us) get SIGTERM from the kernel; kill stragglers later.
-        self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: generation.kill(signal.SIGKILL))
+        self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: self.kill_stragglers(generation.pid))
         self.generations = [g for g in self.generations if g.alive or g is generation][-20:]
         if self.operation is not None:
             self.operation.on_exit(generation)
         if was == SERVING and self.state in ("running", "crashlooping"):
             self.crashed(generation, how)
-        elif was in ("starting", READY) and self.operation is None and self.state == "crashlooping":
+        elif was in ("starting", READY) and self.operation is None and self.state in ("running", "crashlooping"):
+            # Only crash recovery starts a generation outside an operation: its failure is a crash too.
             self.crashed(generation, how)
+
+    def kill_stragglers(self, group: int | None = None) -> None:
+        """SIGKILL what is left of exited masters: workers re-parented to us (we are their
+        subreaper) that ignored the SIGTERM of their master's death, e.g. hung or stopped
+        ones. `group` is an exited master's pid (its process group); None means every
+        child's group but ours (at shutdown)."""
+        import psutil
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return
+        groups = set()
+        for child in children:
+            try:
+                groups.add(os.getpgid(child.pid))
+            except OSError:
+                pass
+        groups -= {os.getpgrp(), *(g.pid for g in self.generations if g.alive)}
+        for pgid in groups if group is None else groups & {group}:
+            self.log.warning("stragglers_killed", group=pgid, detail="left by an exited master")
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
 
     # --- crash recovery: a serving master died on its own ---
 
@@ -353,7 +373,7 @@ class Daemon:
             return 0, 0.0
 
     def status(self) -> dict:
-        return {
+        status = {
             "daemon": {"pid": self.pid, "version": __version__, "state": self.state,
                        "uptime_s": round(time.monotonic() - self.started, 1), "socket": self.control.path,
                        "rss_bytes": self.process_usage(self.pid)[0]},
@@ -364,6 +384,11 @@ class Daemon:
             "operation": self.operation.name if self.operation else None,
             "crashes": self.crashes,
         }
+        # Forget the psutil handles of processes no longer listed (they would pile up across upgrades).
+        listed = {self.pid} | {w["pid"] for g in status["generations"] for w in g["workers"]}
+        for pid in set(self._processes) - listed:
+            del self._processes[pid]
+        return status
 
     def status_line(self) -> str:
         serving = self.serving
