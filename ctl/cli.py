@@ -8,7 +8,6 @@ Talks to appd over its control socket and exits with the real outcome:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from . import protocol
@@ -100,14 +99,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class JsonOutput:
+    def __init__(self):
+        import json  # only here: appdctl must start fast
+        self.json = json
+
     def event(self, message: dict) -> None:
-        print(json.dumps(message), flush=True)
+        print(self.json.dumps(message), flush=True)
 
     def result(self, result: dict) -> None:
-        print(json.dumps(result, indent=2))
+        print(self.json.dumps(result, indent=2))
 
     def error(self, exc: CommandError) -> None:
-        print(json.dumps({"ok": False, "error": {**exc.detail, "code": exc.code, "message": exc.message}},
+        print(self.json.dumps({"ok": False, "error": {**exc.detail, "code": exc.code, "message": exc.message}},
                          indent=2))
 
 
