@@ -50,7 +50,6 @@ class Master:
         self.reload_state: dict | None = None
         self.spawn_failures = 0
         self.spawn_not_before = 0.0
-        self.stop_deadline: float | None = None
         self.exit_code = 0
         self.dirty = True
         self.last_report = 0.0
@@ -165,27 +164,22 @@ class Master:
         """Kill workers that stopped answering: hung, stuck booting, or slow to stop."""
         now = time.monotonic()
         for handle in list(self.workers.values()):
-            if handle.aborted_at is not None:
-                if now - handle.aborted_at > 2.0:
-                    handle.kill(signal.SIGKILL)
-            elif handle.stop_sent_at is not None:
-                if now - handle.stop_sent_at > self.cfg["graceful_timeout"]:
-                    self.log.warning("worker_stop_timeout", worker=handle.pid, detail="SIGKILL")
-                    handle.kill(signal.SIGKILL)
-                    handle.aborted_at = now
+            if handle.kill_at is not None:
+                if now >= handle.kill_at:
+                    if not handle.forced:
+                        self.log.warning("worker_stop_timeout", worker=handle.pid, detail="SIGKILL")
+                    handle.force(signal.SIGKILL)
             elif not handle.ready:
                 if self.quiet_ready(handle, now):
                     self.on_worker_ready(handle)
                 elif now - handle.spawned_at > self.cfg["boot_timeout"]:
                     handle.boot_error = f"not ready within boot_timeout ({self.cfg['boot_timeout']} s)"
                     self.log.error("worker_boot_timeout", worker=handle.pid)
-                    handle.kill(signal.SIGKILL)
-                    handle.aborted_at = now
+                    handle.force(signal.SIGKILL)
             elif handle.heartbeats and self.cfg["timeout"] and now - handle.last_heartbeat > self.cfg["timeout"]:
                 self.log.error("worker_timeout", worker=handle.pid, timeout=self.cfg["timeout"],
                                detail="SIGABRT, then SIGKILL")
-                handle.kill(signal.SIGABRT)
-                handle.aborted_at = now
+                handle.force(signal.SIGABRT)
 
     def quiet_ready(self, handle: WorkerHandle, now: float) -> bool:
         """A command worker that never speaks READY=1 counts as ready after ready_delay."""
@@ -205,13 +199,13 @@ class Master:
             # Scale down: stop the ones not ready first, then the oldest.
             extra = sorted(incoming, key=lambda h: (h.ready, -h.serial))[:(-missing)]
             for handle in extra:
-                handle.stop()
+                self.stop_worker(handle)
             self.dirty = True
         ready = sum(1 for h in incoming if h.ready)
         if ready >= self.target:
             for handle in self.workers.values():
                 if handle.outgoing and handle.stop_sent_at is None:
-                    handle.stop()
+                    self.stop_worker(handle)
                     self.dirty = True
         self.check_progress(ready)
 
@@ -227,17 +221,21 @@ class Master:
         if self.reload_state and ready >= self.target and not any(h.outgoing for h in self.workers.values()):
             self.finish_reload(ok=True)
 
-    def stop_workers(self, graceful: bool, sweep: bool = False) -> None:
-        if self.phase != STOPPING:
-            self.phase = STOPPING
-            self.stop_deadline = time.monotonic() + self.cfg["graceful_timeout"]
+    def stop_worker(self, handle: WorkerHandle) -> None:
+        """Graceful: finish the request in hand, within graceful_timeout."""
+        handle.stop(self.worker_cls.GRACEFUL_SIGNAL, self.cfg["graceful_timeout"])
+
+    def stop_workers(self, graceful: bool, sweep: bool = False, timeout: float | None = None) -> None:
+        """Stop the generation: graceful (optionally serving the backlog first) or quick."""
+        self.phase = STOPPING
         cls = self.worker_cls
-        signum = (cls.DRAIN_SIGNAL if sweep else cls.GRACEFUL_SIGNAL) if graceful else cls.QUICK_SIGNAL
+        if graceful:
+            signum, grace = (cls.DRAIN_SIGNAL if sweep else cls.GRACEFUL_SIGNAL), self.cfg["graceful_timeout"]
+        else:
+            signum, grace = cls.QUICK_SIGNAL, 2.0
+        grace = timeout if timeout is not None else grace
         for handle in self.workers.values():
-            handle.stop(signum)
-        if not graceful:
-            for handle in self.workers.values():
-                handle.stop_sent_at = time.monotonic() - self.cfg["graceful_timeout"] + 2.0
+            handle.stop(signum, grace)
         self.dirty = True
 
     # --- events ---
@@ -256,7 +254,7 @@ class Master:
 
     def on_worker_exit(self, handle: WorkerHandle, how: str) -> None:
         if handle.ready or handle.stop_sent_at is not None:
-            level = "info" if handle.stop_sent_at is not None and handle.aborted_at is None else "warning"
+            level = "info" if handle.stop_sent_at is not None and not handle.forced else "warning"
             getattr(self.log, level)("worker_exited", worker=handle.pid, status=how,
                                      requests=handle.requests)
             return
@@ -294,8 +292,8 @@ class Master:
     def on_daemon_message(self, channel, message) -> None:
         kind = message.get("t") if isinstance(message, dict) else None
         if kind == "drain":
-            self.log.info("draining", sweep=bool(message.get("sweep")))
-            self.stop_workers(graceful=True, sweep=bool(message.get("sweep")))
+            self.log.info("draining", sweep=bool(message.get("sweep")), timeout=message.get("timeout"))
+            self.stop_workers(graceful=True, sweep=bool(message.get("sweep")), timeout=message.get("timeout"))
         elif kind == "stop":
             self.stop_workers(graceful=False)
         elif kind == "scale":
@@ -339,7 +337,7 @@ class Master:
             if handle.outgoing:
                 handle.outgoing = False
             elif handle.stop_sent_at is None:
-                handle.stop(self.worker_cls.QUICK_SIGNAL)
+                handle.stop(self.worker_cls.QUICK_SIGNAL, 2.0)
         self.finish_reload(ok=False, reason=reason, output=output)
 
     def retire(self, pid: int) -> None:

@@ -26,7 +26,8 @@ class WorkerHandle:
         self.busy = False
         self.outgoing = False         # to be retired once a replacement is ready
         self.stop_sent_at: float | None = None
-        self.aborted_at: float | None = None
+        self.kill_at: float | None = None   # SIGKILL if still alive then
+        self.forced = False                 # it needed SIGABRT or SIGKILL
         self.boot_error: str | None = None
 
     @property
@@ -82,10 +83,18 @@ class WorkerHandle:
         self.ready_at = time.monotonic()
         self.last_heartbeat = self.ready_at
 
-    def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Ask the worker to stop (TERM: finish the request in hand)."""
+    def stop(self, signum: int, grace: float) -> None:
+        """Ask the worker to stop; it is SIGKILLed if still alive after `grace` seconds."""
+        now = time.monotonic()
         if self.stop_sent_at is None:
-            self.stop_sent_at = time.monotonic()
+            self.stop_sent_at = now
+        self.kill_at = min(self.kill_at or now + grace, now + grace)
+        self.kill(signum)
+
+    def force(self, signum: int, grace: float = 2.0) -> None:
+        """SIGABRT (hung) or SIGKILL now; SIGKILL after `grace` if that was not enough."""
+        self.forced = True
+        self.kill_at = time.monotonic() + grace
         self.kill(signum)
 
     def describe(self) -> dict:
