@@ -189,6 +189,7 @@ SETTINGS: list[Setting] = [
     Setting("preload_app", _bool, False, "import the app in the master before forking workers",
             metavar="BOOL"),
     Setting("backlog", _int(1), 2048, "listen queue length", metavar="N"),
+    Setting("unix_socket_mode", _mode, 0o666, "file mode of unix:PATH listeners", metavar="MODE"),
     Setting("keepalive", _seconds, 2.0, "seconds an idle keep-alive connection is kept (gthread)",
             metavar="S"),
     Setting("limit_request_line", _int(0), 4094, "longest request line in bytes (0: no limit)", metavar="N"),
@@ -310,8 +311,8 @@ def settings_markdown() -> str:
         default = s.default
         if s.name == "python":
             default = "the interpreter running appd"
-        elif s.name == "control_socket_mode":
-            default = "0600"
+        elif s.name in ("control_socket_mode", "unix_socket_mode"):
+            default = f"{s.default:04o}"
         elif default in (None, [], ""):
             default = "—"
         flag = f"`{s.flag}`" + (f", `{s.short}`" if s.short else "")

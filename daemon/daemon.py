@@ -22,7 +22,7 @@ from .loop import Loop
 from .operations import ReexecDaemon, Reload, Scale, Shutdown, Start, Stop, Upgrade
 
 # Settings only the daemon uses; a master gets everything else.
-_DAEMON_ONLY = {"config", "bind", "backlog", "pidfile", "control_socket", "control_socket_mode",
+_DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "control_socket", "control_socket_mode",
                 "control_socket_group", "control_allow_uids", "control_allow_gids", "python"}
 # Variables meant for the daemon alone, not for generations.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
@@ -62,7 +62,8 @@ class Daemon:
             reexec.restore(self, state)
         else:
             inherited = listeners_mod.from_systemd()
-            self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited)
+            self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited,
+                                                          unix_mode=self.cfg.unix_socket_mode)
             self.control = ControlServer(self, self.cfg)
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
@@ -308,7 +309,8 @@ class Daemon:
 
     def apply_config(self, cfg: config.Config, target: int, open_listeners: bool = False) -> None:
         if open_listeners:
-            self.listeners = listeners_mod.open_listeners(cfg.bind, cfg.backlog, current=self.listeners)
+            self.listeners = listeners_mod.open_listeners(cfg.bind, cfg.backlog, current=self.listeners,
+                                                          unix_mode=cfg.unix_socket_mode)
         self.cfg = cfg
         self.target = target
 

@@ -76,7 +76,7 @@ class Listener:
         return {"name": self.name, "address": self.address, "fd": self.fd}
 
 
-def _bind_unix(path: str, backlog: int) -> socket.socket:
+def _bind_unix(path: str, backlog: int, mode: int) -> socket.socket:
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -95,16 +95,16 @@ def _bind_unix(path: str, backlog: int) -> socket.socket:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    os.chmod(path, 0o666)
+    os.chmod(path, mode)
     sock.listen(backlog)
     return sock
 
 
-def bind(address: Address, backlog: int) -> socket.socket:
+def bind(address: Address, backlog: int, unix_mode: int = 0o666) -> socket.socket:
     """Bind and listen on one address. OSError says which address failed and why."""
     try:
         if address.kind == "unix":
-            sock = _bind_unix(address.target, backlog)
+            sock = _bind_unix(address.target, backlog, unix_mode)
         elif address.kind == "fd":
             sock = socket.socket(fileno=address.target)
             sock.listen(backlog)
@@ -129,7 +129,7 @@ def _name_for(address: Address, index: int) -> str:
 
 
 def open_listeners(specs: list[str], backlog: int, inherited: dict[str, socket.socket] | None = None,
-                   current: list[Listener] | None = None) -> list[Listener]:
+                   current: list[Listener] | None = None, unix_mode: int = 0o666) -> list[Listener]:
     """Listeners for `specs`, reusing `current` ones and `inherited` sockets where they match.
 
     An inherited socket (systemd socket activation) is matched by its name when the
@@ -146,7 +146,7 @@ def open_listeners(specs: list[str], backlog: int, inherited: dict[str, socket.s
         name = _name_for(address, index)
         sock = _take_inherited(inherited, address, name)
         if sock is None:
-            sock = bind(address, backlog)
+            sock = bind(address, backlog, unix_mode)
         result.append(Listener(name, sock, spec))
     return result
 

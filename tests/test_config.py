@@ -120,6 +120,7 @@ SAMPLES = {
     "limit_request_field_size": ("300", 300),
     "control_socket": ("/tmp/appd-test/ctl.sock", "/tmp/appd-test/ctl.sock"),
     "control_socket_mode": ("0660", 0o660),
+    "unix_socket_mode": ("0660", 0o660),
     "control_socket_group": ("staff", "staff"),
     "control_allow_uids": ("1000,1001", [1000, 1001]),
     "control_allow_gids": ("50", [50]),
@@ -180,7 +181,7 @@ def test_every_setting_loads_from_env_file_and_flag(tmp_path, setting):
     assert from_flag.sources[setting.name] == setting.flag
 
     toml_value = expected if isinstance(expected, (list, bool, int, float)) and setting.name not in (
-        "control_socket_mode",) else raw
+        "control_socket_mode", "unix_socket_mode") else raw
     import json  # TOML accepts JSON-style scalars and arrays of them
     path = write_toml(tmp_path, f"{setting.name} = {json.dumps(toml_value)}\n")
     from_file = config.load({"config": path}, {})

@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 import socket
 import threading
 import time
@@ -149,6 +150,15 @@ def test_serves_on_unix_socket_and_removes_it_at_exit(start_appd, tmp_path):
     appd.stop()
     assert appd.proc.returncode == 0
     assert not path.exists(), "the daemon left its unix socket behind"
+
+
+def test_unix_listener_gets_the_configured_mode(start_appd, tmp_path):
+    path = tmp_path / "app.sock"
+    appd = start_appd("--bind", f"unix:{path}", "--unix-socket-mode", "0660")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    assert http_get(f"unix:{path}", "/")[0] == 200
+    appd.stop()
+    assert not path.exists()
 
 
 def test_several_listeners_serve_at_once(start_appd, tmp_path):
