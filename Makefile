@@ -30,7 +30,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# appd beside gunicorn 27 (about 12 minutes on 2 cores). Installs wrk from
+# appd beside gunicorn 27 (about 15 minutes on 2 cores). Installs wrk from
 # Debian when it can; without it a Python load client measures throughput.
 # `make bench BENCH_ARGS="--quick --only hello,ctl"` for a short run.
 bench: $(STAMP)

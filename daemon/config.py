@@ -171,6 +171,8 @@ SETTINGS: list[Setting] = [
             "sync (one request at a time), gthread (thread pool, keep-alive) or command (any program)",
             metavar="CLASS"),
     Setting("threads", _int(1), 1, "threads per worker (gthread)", metavar="N"),
+    Setting("worker_connections", _int(1), 1000, "most connections a gthread worker holds at once "
+            "(busy, waiting for a thread, or idle keep-alive)", metavar="N"),
     Setting("command", _argv, [], "program each worker runs (worker_class = command); it gets the "
             "listeners as LISTEN_FDS", metavar="ARGV"),
     Setting("ready_delay", _seconds, 1.0, "seconds after which a command worker that never sends "

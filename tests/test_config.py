@@ -121,6 +121,7 @@ SAMPLES = {
     "control_socket": ("/tmp/appd-test/ctl.sock", "/tmp/appd-test/ctl.sock"),
     "control_socket_mode": ("0660", 0o660),
     "unix_socket_mode": ("0660", 0o660),
+    "worker_connections": ("50", 50),
     "control_socket_group": ("staff", "staff"),
     "control_allow_uids": ("1000,1001", [1000, 1001]),
     "control_allow_gids": ("50", [50]),

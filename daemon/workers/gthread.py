@@ -1,11 +1,14 @@
 """The gthread worker: `threads` threads serve requests; the main thread
 accepts and keeps idle keep-alive connections in its poller, so an idle
-client holds no thread. Pipelined requests are served in order by the thread
-that has the connection. A graceful stop closes idle connections at once and
-lets busy ones finish their request."""
+client holds no thread. New connections and idle ones that send a request
+wait in one first-come, first-served line for a free thread; the worker
+keeps accepting while it holds fewer than `worker_connections`. Pipelined
+requests are served in order by the thread that has the connection. A
+graceful stop closes idle connections at once and lets busy ones finish."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import queue
 import selectors
@@ -30,7 +33,9 @@ class ThreadWorker(Worker):
         self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (connection, keep) from threads
         self.busy = 0                                         # connections handed to threads
+        self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
         self.parked: dict = {}                                # socket -> (connection, idle deadline)
+        self.max_connections = cfg["worker_connections"]
         self.count_lock = threading.Lock()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
@@ -52,16 +57,20 @@ class ThreadWorker(Worker):
                     else:
                         self.unpark(key.fileobj)
                 self.take_returned()
+                self.dispatch()
                 self.expire_idle()
-                self.set_accepting(self.busy < self.threads)
+                self.set_accepting(self.connections() < self.max_connections)
             self.stop_serving()
         finally:
             self.selector.close()
 
     # --- connections between the poller and the threads ---
 
+    def connections(self) -> int:
+        return self.busy + len(self.waiting) + len(self.parked)
+
     def accept(self, sock, info) -> None:
-        while self.busy < self.threads:
+        while self.connections() < self.max_connections:
             try:
                 conn, addr = sock.accept()
             except OSError as exc:
@@ -69,11 +78,13 @@ class ThreadWorker(Worker):
                     return
                 raise
             conn.setblocking(True)
-            self.submit(Connection(conn, addr, info))
+            self.waiting.append(Connection(conn, addr, info))
 
-    def submit(self, connection: Connection) -> None:
-        self.busy += 1
-        self.pool.submit(self.run_connection, connection)
+    def dispatch(self, everything: bool = False) -> None:
+        """Hand waiting connections to free threads (or queue them all), oldest first."""
+        while self.waiting and (everything or self.busy < self.threads):
+            self.busy += 1
+            self.pool.submit(self.run_connection, self.waiting.popleft())
 
     def run_connection(self, connection: Connection) -> None:
         keep = False
@@ -103,7 +114,7 @@ class ThreadWorker(Worker):
     def unpark(self, sock) -> None:
         connection, _ = self.parked.pop(sock)
         self.selector.unregister(sock)
-        self.submit(connection)
+        self.waiting.append(connection)
 
     def expire_idle(self) -> None:
         now = time.monotonic()
@@ -114,7 +125,7 @@ class ThreadWorker(Worker):
                 connection.close()
 
     def set_accepting(self, accepting: bool) -> None:
-        """Listen only while a thread is free, so a busy worker leaves connections to idle ones."""
+        """Listen only below worker_connections, so a full worker leaves connections to others."""
         if accepting == self.accepting:
             return
         self.accepting = accepting
@@ -147,7 +158,8 @@ class ThreadWorker(Worker):
                     except OSError:
                         break
                     conn.setblocking(True)
-                    self.submit(Connection(conn, addr, info))
+                    self.waiting.append(Connection(conn, addr, info))
+        self.dispatch(everything=True)  # they sent a request: answer it (with Connection: close)
         self.pool.shutdown(wait=True)
         while not self.returned.empty():
             connection, keep = self.returned.get_nowait()
