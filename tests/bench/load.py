@@ -35,7 +35,10 @@ def parse_wrk(output: str) -> dict:
     if not rps:
         raise RuntimeError(f"cannot parse wrk output:\n{output}")
     result = {"rps": float(rps.group(1)), "errors": 0}
-    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", output, re.M):
+    latency = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", output, re.M)  # avg, stdev, max
+    if latency:
+        result["max_s"] = _seconds(latency.group(1))
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)[ \t]*$", output, re.M):
         result[f"p{pct}_s"] = _seconds(value)
     total = re.search(r"(\d+) requests in", output)
     result["requests"] = int(total.group(1)) if total else None

@@ -114,7 +114,8 @@ def header_line(info: dict, args, use_wrk: bool) -> str:
     runs = "1 run" if args.quick else "median of 3 runs"
     loader = (f"wrk {v['wrk']} -t2 -c32 -d{3 if args.quick else 10}s --latency" if use_wrk
               else "Python load client, 32 connections (wrk not installed)")
-    return (f"appd {v['appd'] or '?'} vs gunicorn {v['gunicorn'] or '?'} (sync workers) — "
+    return (f"appd {v['appd'] or '?'} vs gunicorn {v['gunicorn'] or '?'} (sync workers unless a row says "
+            f"gthread; connections 32 unless a row says otherwise) — "
             f"{info['machine']['cores']} cores, Python {v['python']}, loopback; throughput: {loader}, {runs}"
             + ("; --quick" if args.quick else ""))
 

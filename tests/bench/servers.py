@@ -113,8 +113,12 @@ class Server:
     kind = "?"
 
     def __init__(self, app: str, workers: int, workdir: Path, preload: bool = False,
-                 env: dict | None = None, control: bool = False):
+                 env: dict | None = None, control: bool = False, threads: int | None = None,
+                 keepalive: float | None = None):
+        """threads: None for sync workers, N for gthread workers with N threads and
+        HTTP/1.1 keep-alive connections kept `keepalive` seconds while idle."""
         self.app, self.workers, self.preload, self.control = app, workers, preload, control
+        self.threads, self.keepalive = threads, keepalive
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.marks = workdir / "marks"
@@ -226,9 +230,11 @@ class AppdServer(Server):
         self.socket = str(self.workdir / "ctl.sock")
 
     def command(self) -> list[str]:
+        gthread = ["--worker-class", "gthread", "--threads", str(self.threads),
+                   *(["--keepalive", f"{self.keepalive:g}"] if self.keepalive is not None else [])]
         return [str(BIN / "appd"), "start", self.app, "-b", self.address, "-w", str(self.workers),
                 "--control-socket", self.socket, "--log-level", "warning",
-                *(["--preload-app"] if self.preload else [])]
+                *(["--preload-app"] if self.preload else []), *(gthread if self.threads else [])]
 
     def main_pid(self) -> int | None:
         return self.proc.pid if self.proc else None
@@ -289,8 +295,11 @@ class GunicornServer(Server):
 
     def command(self) -> list[str]:
         control = ["--control-socket", self.control_socket] if self.control else ["--no-control-socket"]
+        worker = (["--worker-class", "gthread", "--threads", str(self.threads),
+                   *(["--keep-alive", f"{self.keepalive:g}"] if self.keepalive is not None else [])]
+                  if self.threads else ["--worker-class", "sync"])
         return [str(BIN / "gunicorn"), self.app, "-b", self.address, "-w", str(self.workers),
-                "--worker-class", "sync", "--pid", str(self.pidfile), "--log-level", "warning",
+                *worker, "--pid", str(self.pidfile), "--log-level", "warning",
                 *control, *(["--preload"] if self.preload else [])]
 
     def _read_pid(self, path: Path) -> int | None:
