@@ -3,6 +3,7 @@ prove afterwards that no process it started is left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +66,26 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.unix_path)
+
+
+class Background:
+    """One HTTP request in a thread; .join() gives (status, headers, body) or the exception."""
+
+    def __init__(self, address: str, path: str, timeout: float = 30.0):
+        self.result = None
+        self.thread = threading.Thread(target=self._run, args=(address, path, timeout), daemon=True)
+        self.thread.start()
+
+    def _run(self, address, path, timeout):
+        try:
+            self.result = http_get(address, path, timeout=timeout)
+        except Exception as exc:  # a dropped connection may be the outcome under test
+            self.result = exc
+
+    def join(self, timeout: float = 30.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the background request did not finish"
+        return self.result
 
 
 class Appd:
@@ -187,6 +209,19 @@ def assert_no_leftovers(pids, timeout: float = 10.0) -> None:
             except psutil.Error:
                 pass
         raise AssertionError(f"processes left behind: {[(p.pid, p.name()) for p in survivors]}")
+
+
+@contextlib.contextmanager
+def running_appd(directory: Path, *args: str, env: dict | None = None, cwd: Path = APPS):
+    """One appd for many small cases (module-scoped fixtures); stopped and checked for
+    leftover processes on exit."""
+    appd = Appd(directory, list(args), env, cwd)
+    try:
+        appd.wait_ready()
+        yield appd
+    finally:
+        appd.stop()
+        assert_no_leftovers(appd.seen | {appd.pid})
 
 
 @pytest.fixture

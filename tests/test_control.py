@@ -23,7 +23,7 @@ import msgpack
 import pytest
 
 from appdctl import protocol
-from conftest import APPD, APPS, Appd, assert_no_leftovers, wait_until
+from conftest import APPD, APPS, Appd, running_appd, wait_until
 
 MIB = 1024 * 1024
 
@@ -105,13 +105,8 @@ def assert_healthy(appd) -> None:
 @pytest.fixture(scope="module")
 def shared_appd(tmp_path_factory):
     """One daemon for the many bad-input cases; each test checks it is still healthy."""
-    appd = Appd(tmp_path_factory.mktemp("control"), ["--bind", "127.0.0.1:0", "-w", "1"], None, APPS)
-    try:
-        appd.wait_ready()
+    with running_appd(tmp_path_factory.mktemp("control"), "--bind", "127.0.0.1:0", "-w", "1") as appd:
         yield appd
-    finally:
-        appd.stop()
-        assert_no_leftovers(appd.seen | {appd.pid})
 
 
 # --- garbage and broken frames ---

@@ -11,14 +11,13 @@ import os
 import signal
 import stat
 import socket
-import threading
 import time
 from collections import Counter
 
 import psutil
 import pytest
 
-from conftest import APPS, http_get, wait_until
+from conftest import Background, http_get, wait_until
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -63,26 +62,6 @@ def raw_exchange(address: str, payload: bytes, timeout: float = 10.0) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-class Background:
-    """One HTTP request in a thread; `.result` is (status, headers, body) or the exception."""
-
-    def __init__(self, address: str, path: str, timeout: float = 20.0):
-        self.result = None
-        self.thread = threading.Thread(target=self._run, args=(address, path, timeout), daemon=True)
-        self.thread.start()
-
-    def _run(self, address, path, timeout):
-        try:
-            self.result = http_get(address, path, timeout=timeout)
-        except Exception as exc:  # the outcome under test may be a dropped connection
-            self.result = exc
-
-    def join(self, timeout: float = 20.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "background request did not finish"
-        return self.result
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from appdctl import protocol
-from conftest import APPS, Appd, assert_no_leftovers
+from conftest import running_appd
 
 KNOWN_CODES = {protocol.BAD_REQUEST, protocol.UNKNOWN_COMMAND, protocol.BUSY, protocol.PERMISSION_DENIED,
                protocol.TIMEOUT, protocol.FAILED, protocol.ROLLED_BACK}
@@ -175,13 +175,8 @@ def test_appd_and_appdctl_share_the_default_socket_path():
 
 @pytest.fixture(scope="module")
 def live_appd(tmp_path_factory):
-    appd = Appd(tmp_path_factory.mktemp("fuzz"), ["--bind", "127.0.0.1:0", "-w", "1"], None, APPS)
-    try:
-        appd.wait_ready()
+    with running_appd(tmp_path_factory.mktemp("fuzz"), "--bind", "127.0.0.1:0", "-w", "1") as appd:
         yield appd
-    finally:
-        appd.stop()
-        assert_no_leftovers(appd.seen | {appd.pid})
 
 
 def exchange(path: str, payload: bytes) -> list:

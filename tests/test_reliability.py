@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -17,29 +16,9 @@ import pytest
 from chaos.scenarios import (chaos_seed, control_abuse, generation_pids, print_abuse, print_leaks, soak,
                              upgrade_leaks, unexpected)
 from chaos.tools import reaping_orphans, still_there, titles, tree
-from conftest import APPS, Appd, assert_no_leftovers, http_get, wait_until
+from conftest import APPS, Appd, Background, assert_no_leftovers, http_get, wait_until
 
 GRACEFUL = 3
-
-
-class Background:
-    """One HTTP request in a thread; .join() gives (status, headers, body) or the exception."""
-
-    def __init__(self, address: str, path: str, timeout: float = 30.0):
-        self.result = None
-        self.thread = threading.Thread(target=self._run, args=(address, path, timeout), daemon=True)
-        self.thread.start()
-
-    def _run(self, address, path, timeout):
-        try:
-            self.result = http_get(address, path, timeout=timeout)
-        except Exception as exc:  # a dropped connection is an outcome under test
-            self.result = exc
-
-    def join(self, timeout: float = 30.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the background request did not finish"
-        return self.result
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ re-exec'ing itself in place."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import APPD, ROOT, assert_no_leftovers, http_get, wait_until
+from loadgen import Load
 
 
 class NotifyReceiver:
@@ -142,45 +142,13 @@ def _copy_of_appd(tmp_path):
     return pkg
 
 
-class Load:
-    """Requests in a loop on new connections from a few threads; counts failures."""
-
-    def __init__(self, address: str, threads: int = 4, limit_s: float = 60.0):
-        self.address, self.stop_at = address, time.monotonic() + limit_s
-        self.ok = self.failed = 0
-        self.errors: list[str] = []
-        self.running = True
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self):
-        while self.running and time.monotonic() < self.stop_at:
-            try:
-                status, _, _ = http_get(self.address, "/", timeout=10)
-                if status == 200:
-                    self.ok += 1
-                else:
-                    self.failed += 1
-                    self.errors.append(f"status {status}")
-            except Exception as exc:
-                self.failed += 1
-                self.errors.append(repr(exc))
-
-    def stop(self):
-        self.running = False
-        for thread in self.threads:
-            thread.join(15)
-
-
 def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
     pkg = _copy_of_appd(tmp_path)
     appd = start_appd("-w", "2", env={"PYTHONPATH": str(pkg)})
     before = appd.status()
     (pkg / "appd" / "__init__.py").write_text('"""appd."""\n\n__version__ = "0.1.0+reexec"\n')
-    load = Load(appd.address)
-    try:
-        wait_until(lambda: load.ok > 20, 10, message="load to run")
+    with Load(appd.address, threads=4) as load:
+        load.wait_for(20)
         code, result = appd.ctl_json("upgrade", "--daemon")
         assert code == 0, result
         after = appd.status()
@@ -189,12 +157,9 @@ def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
         assert [g["id"] for g in after["generations"]] == [g["id"] for g in before["generations"]]
         assert after["listeners"] == before["listeners"]
         assert after["last_operation"]["op"] == "upgrade-daemon" and after["last_operation"]["ok"]
-        ok_then = load.ok
-        wait_until(lambda: load.ok > ok_then + 20, 10, message="serving after the re-exec")
+        load.wait_for(20)  # still serving after the re-exec
         assert appd.ctl("upgrade").returncode == 0, "the re-exec'd daemon still drives generations"
-    finally:
-        load.stop()
-    assert load.failed == 0, load.errors[:5]
+    assert not load.failures, load.report()
 
 
 def test_broken_daemon_reexec_leaves_old_daemon_serving(start_appd, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, wait_until
+from conftest import wait_until
 from loadgen import Load
 
 PYTHON = sys.executable
