@@ -283,8 +283,10 @@ class Soak:
             self.skipped["stop_worker: no ready worker"] += 1
             return
         # The master sees no heartbeat for `timeout`, sends SIGABRT, then SIGKILL 2 s later;
-        # the request it held (if any) fails then.
-        self._signal("stop_worker", pid, signal.SIGSTOP, budget=1, window=self.timeout + 5.0)
+        # the request it held (if any) fails then. If an upgrade drains the generation
+        # first, a stopping worker is bounded by graceful_timeout from the drain instead.
+        self._signal("stop_worker", pid, signal.SIGSTOP, budget=1,
+                     window=self.timeout + self.graceful_timeout + 2.0)
 
     def kill_master(self, rng) -> None:
         status = self._status()
