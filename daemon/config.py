@@ -238,9 +238,6 @@ class Config:
         except KeyError:
             raise AttributeError(name) from None
 
-    def to_dict(self) -> dict:
-        return dict(self.values)
-
 
 def _apply(values: dict, sources: dict, name: str, raw, source: str) -> None:
     setting = BY_NAME[name]

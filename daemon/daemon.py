@@ -174,8 +174,6 @@ class Daemon:
             generation.snapshot = message
         elif message.get("t") == "ready" and generation.state not in (SERVING, DRAINING):
             generation.state = READY
-        elif message.get("t") == "boot_failed":
-            generation.failure = message
         if self.operation is not None:
             self.operation.on_message(generation, message)
         elif message.get("t") == "ready" and generation.state == READY:

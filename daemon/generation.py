@@ -43,10 +43,9 @@ class Generation:
         self._partial = b""
         self.snapshot: dict = {"workers": [], "ready": 0, "target": 0, "phase": "booting"}
         self.exit_status: str | None = None
-        self.failure: dict | None = None
 
     def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
-              extra_env: dict, on_message, on_output_closed=None) -> None:
+              extra_env: dict, on_message) -> None:
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         env = {**os.environ, **(extra_env or {}), **listeners_mod.generation_env(listeners),

@@ -72,10 +72,6 @@ def configure(log_format: str = "console", level: str = "info", error_log: str =
     )
 
 
-def set_generation(generation: int) -> None:
-    global _generation
-    _generation = generation
-
 
 def reopen() -> None:
     for destination in _files:

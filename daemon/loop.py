@@ -47,12 +47,6 @@ class Loop:
         except BlockingIOError:
             pass
 
-    def wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except BlockingIOError:
-            pass
-
     # --- I/O and timers ---
 
     def add_reader(self, fileobj, callback: Callable[[int], None]) -> None:
@@ -102,13 +96,3 @@ class Loop:
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

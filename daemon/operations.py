@@ -12,7 +12,7 @@ import time
 from appdctl import protocol
 
 from . import proc, reexec
-from .config import ConfigError
+from .config import BY_NAME, ConfigError
 
 
 class Operation:
@@ -161,8 +161,10 @@ class Reload(Operation):
         if new_cfg.workers != daemon.cfg.workers:
             self.new_target = new_cfg.workers
             self.notes.append(f"workers changed in the config: target is now {new_cfg.workers}")
-        if any(k in changed for k in ("python", "chdir")):
-            self.notes.append("python/chdir changes take effect at the next upgrade")
+        later = [k for k in changed if BY_NAME[k].needs_upgrade]
+        if later:
+            verb = "takes" if len(later) == 1 else "take"
+            self.notes.append(f"{' and '.join(later)} {verb} effect at the next upgrade")
         if new_cfg.preload_app:
             self.notes.append("preload_app is on: workers were re-forked from the code the master "
                               "loaded; run `appdctl upgrade` to load new code")

@@ -23,7 +23,6 @@ class WorkerHandle:
         self.ready_at: float | None = None
         self.last_heartbeat = self.spawned_at
         self.requests = 0
-        self.busy = False
         self.outgoing = False         # to be retired once a replacement is ready
         self.stop_sent_at: float | None = None
         self.kill_at: float | None = None   # SIGKILL if still alive then
@@ -64,8 +63,6 @@ class WorkerHandle:
                 self.heartbeats = True
             if "X_APPD_REQUESTS" in fields:
                 self.requests = int(fields["X_APPD_REQUESTS"] or 0)
-            if "X_APPD_BUSY" in fields:
-                self.busy = fields["X_APPD_BUSY"] == "1"
 
     def send(self, text: str) -> None:
         try:
@@ -99,7 +96,7 @@ class WorkerHandle:
 
     def describe(self) -> dict:
         return {"pid": self.pid, "state": self.state, "started_at": self.started_wall,
-                "requests": self.requests, "busy": self.busy}
+                "requests": self.requests}
 
     def close(self) -> None:
         self.sock.close()

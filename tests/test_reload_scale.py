@@ -182,6 +182,20 @@ def test_reload_adds_listener_from_config(file_bound_appd, tmp_path):
     assert not load.failures, load.report()
 
 
+def test_reload_says_which_changes_wait_for_the_next_upgrade(start_appd, tmp_path):
+    """python and chdir belong to a generation's exec: reload records them, upgrade applies them."""
+    config = tmp_path / "appd.toml"
+    config.write_text("timeout = 20\n")
+    appd = start_appd("-c", str(config), "-w", "1")
+    before = appd.serving_generation()
+    config.write_text(f"timeout = 20\nchdir = {str(tmp_path)!r}\n")
+    code, reply = appd.ctl_json("reload")
+    assert code == 0, reply
+    assert reply["changed"] == ["chdir"]
+    assert any(note == "chdir takes effect at the next upgrade" for note in reply["notes"]), reply
+    assert appd.serving_generation()["id"] == before["id"], "a reload does not start a generation"
+
+
 def test_reload_with_preload_app_says_upgrade_is_needed(start_appd):
     appd = start_appd("-w", "2", "--preload-app")
     code, reply = appd.ctl_json("reload")
