@@ -1,0 +1,127 @@
+"""Scenarios 1, 2 and 2b: requests/s and p99 latency with wrk, appd beside
+gunicorn, sync and gthread workers."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import psutil
+
+import load
+from common import FLASK, HELLO, NOISY, Context, Row, median
+
+
+# --- 1 and 2: throughput -------------------------------------------------------
+
+def _busy_cpu_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _tree_cpu_seconds(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measure_throughput(ctx: Context, server, seconds: float, connections: int = 32) -> dict:
+    """One measured run, plus the CPU time that processes other than the server
+    and the load client used meanwhile (another job on the machine skews a run)."""
+    pids = server.tree()
+    before = (_busy_cpu_seconds(), _tree_cpu_seconds(pids), _children_cpu_seconds())
+    if ctx.use_wrk:
+        result = load.run_wrk(server.url, threads=2, connections=connections, duration=seconds)
+    else:
+        result = load.run_pyload(server.address, seconds, connections=connections)
+    after = (_busy_cpu_seconds(), _tree_cpu_seconds(pids), _children_cpu_seconds())
+    busy, ours, client = (b - a for a, b in zip(before, after))
+    result["other_cpu_s"] = max(0.0, busy - ours - client)
+    result["other_cpu_share"] = result["other_cpu_s"] / (seconds * (os.cpu_count() or 1))
+    return result
+
+
+def throughput(ctx: Context, label: str, app: str, workers: int, connections: int = 32,
+               show_errors: bool = False, show_max: bool = False, **server_options):
+    """requests/s and p99 with `connections` connections (32 by default); the runs
+    alternate between the two servers (both idle but up) so a drift of the machine
+    hits both alike. server_options (threads, keepalive) go to both servers."""
+    with ctx.appd(app, workers, **server_options) as appd, \
+            ctx.gunicorn(app, workers, **server_options) as gunicorn:
+        servers = [appd, gunicorn]
+        for server in servers:  # warm-up, not counted
+            _measure_throughput(ctx, server, 2.0, connections)
+        runs = {"appd": [], "gunicorn": []}
+        for i in range(ctx.runs):
+            for server in (servers if i % 2 == 0 else servers[::-1]):
+                result = _measure_throughput(ctx, server, ctx.wrk_seconds, connections)
+                runs[server.kind].append(result)
+                ctx.log(f"  {label} {workers}w {server.kind}: {result['rps']:.0f} req/s, "
+                        f"p99 {result['p99_s'] * 1000:.1f} ms, errors {result['errors']}, "
+                        f"other processes used {result['other_cpu_share']:.0%} of the CPU")
+    rps = {k: median(r["rps"] for r in v) for k, v in runs.items()}
+    p99 = {k: median(r["p99_s"] for r in v) for k, v in runs.items()}
+    errors = {k: sum(r["errors"] for r in v) for k, v in runs.items()}
+    scenario = f"{label}, {workers} workers"
+    other = max(r["other_cpu_share"] for v in runs.values() for r in v)
+    noisy = f"noisy: other processes took up to {other:.0%} of the CPU in a run" if other > NOISY else ""
+    rows = [
+        Row(scenario, "requests/s", rps["appd"], rps["gunicorn"], "rps", "≥ 1.2×",
+            rps["appd"] >= 1.2 * rps["gunicorn"], note=noisy),
+        Row(scenario, "p99 latency", p99["appd"], p99["gunicorn"], "s", "≤ 1.0×",
+            p99["appd"] <= p99["gunicorn"]),
+    ]
+    if show_max:
+        worst = {k: max((r.get("max_s") for r in v if r.get("max_s") is not None), default=None)
+                 for k, v in runs.items()}
+        rows.append(Row(scenario, "max latency (all runs)", worst["appd"], worst["gunicorn"], "s"))
+    if show_errors or errors["appd"] or errors["gunicorn"]:
+        rows.append(Row(scenario, "errors (all runs)", errors["appd"], errors["gunicorn"], "count", "0",
+                        errors["appd"] == 0))
+    return rows, {"runs": runs, "workers": workers, "app": app, "connections": connections,
+                  **server_options}
+
+
+def hello_throughput(ctx):
+    rows, raw = [], {}
+    for workers in (2, 4):
+        r, raw[f"{workers}w"] = throughput(ctx, "hello WSGI", HELLO, workers)
+        rows += r
+    return rows, raw
+
+
+def flask_throughput(ctx):
+    rows, raw = [], {}
+    for workers in (2, 4):
+        r, raw[f"{workers}w"] = throughput(ctx, "Flask", FLASK, workers)
+        rows += r
+    return rows, raw
+
+
+def gthread_throughput(ctx):
+    """Thread-pool workers with HTTP/1.1 keep-alive (wrk reuses its connections):
+    32 connections, then 100 — more than the 2 × 4 threads, so most connections
+    wait parked between requests and must not starve (their max latency and
+    wrk's timeouts show it)."""
+    if not ctx.use_wrk:  # the Python client opens a connection per request: no keep-alive to measure
+        ctx.log("  gthread: skipped, the keep-alive load needs wrk")
+        return [Row("hello WSGI gthread, keep-alive", "requests/s", None, None, "rps",
+                    note="skipped: needs wrk")], {"skipped": "wrk not installed"}
+    rows, raw = [], {}
+    for connections in (32, 100):
+        r, raw[f"{connections}c"] = throughput(
+            ctx, f"hello WSGI gthread, 4 threads, {connections} keep-alive connections", HELLO, 2,
+            connections=connections, show_errors=connections > 32, show_max=connections > 32,
+            threads=4, keepalive=5)
+        rows += r
+    return rows, raw
