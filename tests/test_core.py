@@ -213,14 +213,19 @@ def test_hung_worker_is_killed_after_timeout_and_replaced(start_appd):
     assert appd.get("/")[0] == 200
 
 
-def test_max_requests_recycles_workers_without_failing_a_request(start_appd):
-    appd = start_appd("core_probe:app", "-w", "2", "--max-requests", "5")
-    address = appd.address
+def requests_per_worker(address: str, count: int) -> Counter:
+    """Send `count` requests to core_probe (each answers "pid N"); none may fail."""
     served = Counter()
-    for _ in range(30):
+    for _ in range(count):
         status, _, body = http_get(address, "/")
         assert status == 200, body
         served[int(body.split()[1])] += 1
+    return served
+
+
+def test_max_requests_recycles_workers_without_failing_a_request(start_appd):
+    appd = start_appd("core_probe:app", "-w", "2", "--max-requests", "5")
+    served = requests_per_worker(appd.address, 30)
     assert len(served) >= 6, f"30 requests at 5 per worker need at least 6 workers, saw {served}"
     assert max(served.values()) <= 5, served
 
@@ -238,12 +243,7 @@ def test_max_requests_recycles_workers_without_failing_a_request(start_appd):
 
 def test_max_requests_jitter_spreads_worker_lifetimes(start_appd):
     appd = start_appd("core_probe:app", "-w", "2", "--max-requests", "2", "--max-requests-jitter", "4")
-    address = appd.address
-    served = Counter()
-    for _ in range(60):
-        status, _, body = http_get(address, "/")
-        assert status == 200, body
-        served[int(body.split()[1])] += 1
+    served = requests_per_worker(appd.address, 60)
     live = worker_pids(appd)
     retired = [pid for pid in served if pid not in live and not alive(pid)]
     counts = [served[pid] for pid in retired]

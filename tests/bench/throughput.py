@@ -92,20 +92,21 @@ def throughput(ctx: Context, label: str, app: str, workers: int, connections: in
                   **server_options}
 
 
-def hello_throughput(ctx):
+def _sync_throughput(ctx, label: str, app: str):
+    """Sync workers, 2 and 4 of them."""
     rows, raw = [], {}
     for workers in (2, 4):
-        r, raw[f"{workers}w"] = throughput(ctx, "hello WSGI", HELLO, workers)
+        r, raw[f"{workers}w"] = throughput(ctx, label, app, workers)
         rows += r
     return rows, raw
+
+
+def hello_throughput(ctx):
+    return _sync_throughput(ctx, "hello WSGI", HELLO)
 
 
 def flask_throughput(ctx):
-    rows, raw = [], {}
-    for workers in (2, 4):
-        r, raw[f"{workers}w"] = throughput(ctx, "Flask", FLASK, workers)
-        rows += r
-    return rows, raw
+    return _sync_throughput(ctx, "Flask", FLASK)
 
 
 def gthread_throughput(ctx):
