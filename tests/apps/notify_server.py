@@ -1,23 +1,26 @@
 """A command worker written in plain Python: it serves HTTP on the socket it
 inherits as LISTEN_FDS (fd 3) and says READY=1 on NOTIFY_SOCKET, as a
-systemd socket-activated service would. NO_READY=1 makes it never say it."""
+systemd socket-activated service would. NO_READY=1 makes it never say it.
+
+SIGTERM is graceful and race-free: the handler only records it, and the loop
+checks the record between connections. A handler that exited at once would
+race accept(): a connection accepted just before the signal would be closed
+unanswered (a RST to the client) instead of staying in the shared backlog for
+the next generation."""
 
 import os
+import select
 import signal
 import socket
 import sys
 import time
 
-busy = False
 stopping = False
 
 
 def on_term(signum, frame):
-    """Graceful: exit now if waiting in accept(), else after the request in hand."""
     global stopping
     stopping = True
-    if not busy:
-        raise SystemExit(0)
 
 
 def notify(message: str) -> None:
@@ -34,18 +37,29 @@ def main() -> None:
     assert os.environ["LISTEN_PID"] == str(os.getpid()), "LISTEN_PID must be our pid"
     count = int(os.environ["LISTEN_FDS"])
     listener = socket.socket(fileno=3)
-    listener.setblocking(True)
+    listener.setblocking(False)
     version = os.environ.get("APP_VERSION", "v1")
     if os.environ.get("FAIL_AT_START"):
         raise SystemExit("notify_server: refusing to start, FAIL_AT_START is set")
     time.sleep(float(os.environ.get("BOOT_SECONDS", "0")))
     if not os.environ.get("NO_READY"):
         notify("READY=1")
-    global busy
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)  # so a TERM wakes select() rather than resuming it
     signal.signal(signal.SIGTERM, on_term)
-    while not stopping:
-        conn, _ = listener.accept()
-        busy = True
+    while True:
+        readable, _, _ = select.select([listener, wake_read], [], [])
+        if stopping:
+            return
+        if wake_read in readable:
+            os.read(wake_read, 512)
+        if listener not in readable:
+            continue
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            continue  # a sibling worker took it
         with conn:
             conn.settimeout(5)
             data = b""
@@ -57,7 +71,6 @@ def main() -> None:
             body = f"command worker {version} pid {os.getpid()} fds {count}\n".encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                          % (len(body), body))
-        busy = False
 
 
 if __name__ == "__main__":
