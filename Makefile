@@ -16,6 +16,15 @@ define link_packages
 	ln -s "$(CURDIR)/daemon" "$$site/appd" && ln -s "$(CURDIR)/ctl" "$$site/appdctl"
 endef
 
+# Best effort: install Debian package $(2) when command $(1) is missing (as
+# root, with apt-get); otherwise say what the missing tool means ($(3)).
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -qq $(2) >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $(2) >/dev/null 2>&1; }; }; } || \
+		echo "$(1) not installed: $(3)"
+endef
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -27,7 +36,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/appd start --bind 127.0.0.1:8000
 
+# systemd-analyze and systemd-socket-activate (Debian's systemd package) let
+# the unit-file and socket-activation tests run rather than skip.
 test: $(STAMP)
+	$(call apt_install,systemd-analyze,systemd,the systemd unit tests will skip)
 	$(PY) -m pytest -q
 
 # appd beside gunicorn 27 (about 15 minutes on 2 cores). Installs wrk from
@@ -36,10 +48,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet '.[bench]'
 	$(link_packages)
-	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		{ apt-get install -y -qq wrk >/dev/null 2>&1 || \
-		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } || \
-		echo "bench: wrk not installed; throughput will be measured with the Python load client"
+	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client)
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints
