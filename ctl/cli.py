@@ -41,29 +41,47 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="appdctl", description="Control a running appd.")
-    parser.add_argument("--socket", help="control socket (default: $APPD_SOCKET, else appd's default path)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON (events as JSON lines)")
-    parser.add_argument("--timeout", type=float, help="seconds to wait for the final reply")
+    _add_client_options(parser, default=None)
+    # The same options after the command too (`appdctl status --json`), without
+    # overriding ones given before it; drain's own --timeout is its drain time.
+    anywhere = _Parser(add_help=False)
+    _add_client_options(anywhere, default=argparse.SUPPRESS)
+    anywhere_but_timeout = _Parser(add_help=False)
+    _add_client_options(anywhere_but_timeout, default=argparse.SUPPRESS, timeout=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("status", help="daemon, generations, workers, listeners, last operation")
-    sub.add_parser("ping", help="liveness")
-    reload = sub.add_parser("reload", help="re-read the config and replace workers, new ones first")
+
+    def command(name: str, help: str, parents=(anywhere,)) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=list(parents))
+
+    command("status", "daemon, generations, workers, listeners, last operation")
+    command("ping", "liveness")
+    reload = command("reload", "re-read the config and replace workers, new ones first")
     reload.add_argument("--no-wait", action="store_true", help="reply once started")
-    upgrade = sub.add_parser("upgrade", help="start a new generation with new code, then drain the old")
+    upgrade = command("upgrade", "start a new generation with new code, then drain the old")
     upgrade.add_argument("--no-wait", action="store_true", help="reply once started")
     upgrade.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V",
                          help="extra environment for the new generation (repeatable)")
     upgrade.add_argument("--daemon", action="store_true", help="re-exec the daemon itself in place")
-    scale = sub.add_parser("scale", help="change the target worker count: +N, -N or N")
+    scale = command("scale", "change the target worker count: +N, -N or N")
     scale.add_argument("spec", type=_scale_spec, metavar="+N|-N|N")
-    drain = sub.add_parser("drain", help="graceful stop with progress")
+    drain = command("drain", "graceful stop with progress", parents=(anywhere_but_timeout,))
     drain.add_argument("--timeout", dest="drain_timeout", type=float, metavar="S",
                        help="time allowed for in-flight requests (default: graceful_timeout)")
-    sub.add_parser("stop", help="quick stop")
-    sub.add_parser("reopen-logs", help="reopen log files (logrotate)")
-    retire = sub.add_parser("retire", help="gracefully replace one worker")
+    command("stop", "quick stop")
+    command("reopen-logs", "reopen log files (logrotate)")
+    retire = command("retire", "gracefully replace one worker")
     retire.add_argument("pid", type=int)
     return parser
+
+
+def _add_client_options(parser: argparse.ArgumentParser, default, timeout: bool = True) -> None:
+    parser.add_argument("--socket", default=default,
+                        help="control socket (default: $APPD_SOCKET, else appd's default path)")
+    parser.add_argument("--json", action="store_true", default=default if default is not None else False,
+                        help="print the result as JSON (events as JSON lines)")
+    if timeout:
+        parser.add_argument("--timeout", type=float, default=default,
+                            help="seconds to wait for the final reply")
 
 
 def request_for(args: argparse.Namespace) -> tuple[str, dict]:

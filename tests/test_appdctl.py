@@ -137,6 +137,23 @@ def test_appd_socket_environment_variable_selects_the_socket(start_appd):
     assert_healthy(appd)
 
 
+def test_client_options_work_after_the_command_too(start_appd):
+    appd = start_appd()
+    result = subprocess.run([APPDCTL, "ping", "--socket", appd.socket, "--json", "--timeout", "5"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pid"] == appd.pid
+    # An option given before the command is not reset by the command's own parser.
+    result = subprocess.run([APPDCTL, "--json", "status", "--socket", appd.socket],
+                            capture_output=True, text=True, timeout=30)
+    assert json.loads(result.stdout)["daemon"]["pid"] == appd.pid
+    # drain keeps its own --timeout (the drain's time) beside the client options.
+    result = subprocess.run([APPDCTL, "drain", "--socket", appd.socket, "--timeout", "5", "--json"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert appd.proc.wait(15) == 0
+
+
 # --- reload and upgrade ---
 
 def test_reload_replaces_every_worker_and_exits_0(start_appd):
