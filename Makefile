@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench chaos clean
+.PHONY: run test bench profile chaos clean
 
 # A regular install, then the import packages in site-packages are replaced by
 # symlinks to daemon/ and ctl/, so edits are live (like `flit install --symlink`).
@@ -50,6 +50,13 @@ bench: $(STAMP)
 	$(link_packages)
 	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client)
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
+
+# Where a worker's time goes under wrk load (py-spy; installed with the bench extras).
+profile: $(STAMP)
+	$(PY) -m pip install --quiet '.[bench]'
+	$(link_packages)
+	$(call apt_install,wrk,wrk,the profile needs it)
+	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
 # Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints
 # its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the soak.

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Where a sync worker spends its time under load: py-spy samples one worker
+while wrk drives it, then the hottest frames are printed.
+
+    python tests/bench/hotpath.py [--app hello|flask] [--seconds 10]
+
+The request path should show mostly the socket calls (accept, recv, sendall,
+close): those are the kernel's work; everything else is ours to keep small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import FLASK, HELLO  # noqa: E402
+from load import run_wrk, wrk_path  # noqa: E402
+from servers import BIN, AppdServer  # noqa: E402
+
+# Functions whose own time is (nearly all) one socket system call; py-spy sees
+# Python frames only, so the kernel's time shows up as theirs.
+SOCKET_CALLS = ("accept", "recv_into", "recv", "sendall", "_sendall", "sendfile", "_real_close", "fill")
+
+
+def sample(pid: int, seconds: float, out: Path) -> None:
+    subprocess.run([str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                    "--rate", "500", "--format", "raw", "--output", str(out)],
+                   check=True, capture_output=True, timeout=seconds + 60)
+
+
+def summarize(raw: Path, top: int) -> None:
+    own, inclusive, total = Counter(), Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    if not total:
+        raise SystemExit("hotpath: py-spy took no samples")
+    in_socket_calls = sum(n for frame, n in own.items()
+                          if frame.split(" ")[0].rsplit(".", 1)[-1] in SOCKET_CALLS)
+    print(f"{total} samples; {100 * in_socket_calls / total:.0f}% own time in functions around one socket call")
+    print("own time:")
+    for frame, n in own.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+    print("inclusive, below the worker's serve loop:")
+    deep = [(f, n) for f, n in inclusive.most_common() if n < 0.95 * total]
+    for frame, n in deep[:top]:
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", choices=("hello", "flask"), default="hello")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    if not wrk_path() or not shutil.which("py-spy", path=str(BIN)):
+        raise SystemExit("hotpath: needs wrk and py-spy (make bench installs both)")
+    with tempfile.TemporaryDirectory(prefix="appd-profile-") as tmp:
+        with AppdServer(HELLO if args.app == "hello" else FLASK, 1, Path(tmp)) as server:
+            worker = server.worker_pids()[0]
+            load = threading.Thread(target=run_wrk, args=(server.url,),
+                                    kwargs={"threads": 1, "connections": 8, "duration": args.seconds + 3})
+            load.start()
+            try:
+                sample(worker, args.seconds, Path(tmp) / "profile.raw")
+            finally:
+                load.join()
+            summarize(Path(tmp) / "profile.raw", args.top)
+
+
+if __name__ == "__main__":
+    main()
