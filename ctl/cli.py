@@ -8,6 +8,7 @@ Talks to appd over its control socket and exits with the real outcome:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import protocol
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command, params = request_for(args)
     timeout = args.timeout or (_QUICK_TIMEOUT if command in ("ping", "status", "reopen_logs") else _LONG_TIMEOUT)
-    out = JsonOutput() if args.json else HumanOutput(command)
+    out = _SurvivesClosedPipe(JsonOutput() if args.json else HumanOutput(command))
     try:
         with Client(args.socket, timeout=timeout) as client:
             result = client.call(command, on_event=out.event, **params)
@@ -114,6 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_FAILED
     out.result(result)
     return protocol.EXIT_OK
+
+
+class _SurvivesClosedPipe:
+    """When the reader goes away (`appdctl status --json | head -3`), drop the
+    rest of the output but keep waiting: the exit code must still be the
+    operation's real outcome, and leaving early would not stop it anyway."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def __getattr__(self, name):
+        write = getattr(self.output, name)
+
+        def guarded(*args):
+            try:
+                write(*args)
+            except BrokenPipeError:
+                for stream in (sys.stdout, sys.stderr):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return guarded
 
 
 class JsonOutput:

@@ -137,6 +137,24 @@ def test_appd_socket_environment_variable_selects_the_socket(start_appd):
     assert_healthy(appd)
 
 
+def test_a_closed_output_pipe_costs_the_output_never_the_exit_code(start_appd):
+    """`appdctl upgrade | head -1`: the reader goes away, the operation's outcome stays."""
+    appd = start_appd()
+    # stdout is a pipe whose read end is already closed.
+    for args, expected in ((["status"], 0), (["--json", "status"], 0), (["scale", "0"], 2),
+                           (["upgrade"], 0)):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            result = subprocess.run([APPDCTL, "--socket", appd.socket, *args], stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert result.returncode == expected and "Traceback" not in result.stderr, (args, result.stderr)
+    assert appd.serving_generation()["id"] == 2  # the upgrade ran to its end
+    assert_healthy(appd)
+
+
 def test_client_options_work_after_the_command_too(start_appd):
     appd = start_appd()
     result = subprocess.run([APPDCTL, "ping", "--socket", appd.socket, "--json", "--timeout", "5"],
