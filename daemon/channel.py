@@ -12,13 +12,13 @@ import socket
 import time
 from typing import Callable
 
-from appdctl.protocol import MAX_FRAME, FrameDecoder, ProtocolError, encode
+from appdctl.protocol import MAX_FRAME, FrameDecoder, ProtocolError, encode, error_reply
 
 
 class Channel:
     def __init__(self, loop, sock: socket.socket, on_message: Callable[["Channel", object], None],
                  on_close: Callable[["Channel", str], None], max_frame: int = MAX_FRAME,
-                 max_outbuf: int = 16 * MAX_FRAME):
+                 max_outbuf: int = 16 * MAX_FRAME, parting_error: bool = False):
         self.loop = loop
         self.sock = sock
         self.on_message = on_message
@@ -26,6 +26,7 @@ class Channel:
         self.decoder = FrameDecoder(max_frame)
         self.outbuf = bytearray()
         self.max_outbuf = max_outbuf
+        self.parting_error = parting_error
         self.closed = False
         self.last_activity = time.monotonic()
         sock.setblocking(False)
@@ -72,6 +73,10 @@ class Channel:
         try:
             messages = self.decoder.feed(data)
         except ProtocolError as exc:
+            # Past garbage framing no later byte can be trusted: close, after
+            # a parting error that says why when the peer is an operator.
+            if self.parting_error:
+                self.send(error_reply(None, exc.code, f"{exc.message}; closing the connection"))
             self.close(exc.message)
             return
         for message in messages:

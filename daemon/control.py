@@ -146,7 +146,7 @@ class ControlClient:
     def __init__(self, server: ControlServer, sock: socket.socket):
         self.server = server
         self.running: set[int] = set()  # request ids still waiting for their final reply
-        self.channel = Channel(server.loop, sock, self.on_message, self.on_close)
+        self.channel = Channel(server.loop, sock, self.on_message, self.on_close, parting_error=True)
 
     def on_message(self, channel, message) -> None:
         from .commands import dispatch

@@ -118,19 +118,23 @@ def shared_appd(tmp_path_factory):
     frame(b"\x93\x01"),                                     # array of 3 with one element
     frame(b"\x01\x02\x03"),                                 # three values where one is expected
 ], ids=["http", "ff", "never-used-byte", "short-array", "extra-data"])
-def test_garbage_bytes_close_the_connection_and_harm_nothing(shared_appd, garbage):
+def test_garbage_bytes_get_a_parting_error_then_a_close_and_harm_nothing(shared_appd, garbage):
     with connect(shared_appd.socket) as sock:
         sock.sendall(garbage)
         messages, _ = read_until_closed(sock, within=5)
-    for message in messages:  # a parting error reply is allowed, nothing else
-        assert message["ok"] is False and message["error"]["code"] == protocol.BAD_REQUEST
+    assert len(messages) == 1, messages
+    error = assert_error_reply(messages[0], protocol.BAD_REQUEST)
+    assert "closing the connection" in error["message"]
     assert_healthy(shared_appd)
 
 
-def test_a_length_over_1_mib_is_closed_without_reading_the_body(shared_appd):
+def test_a_length_over_1_mib_is_refused_without_reading_the_body(shared_appd):
     with connect(shared_appd.socket) as sock:
         sock.sendall(struct.pack(">I", MIB + 1))
-        read_until_closed(sock, within=5)
+        messages, _ = read_until_closed(sock, within=5)
+    assert len(messages) == 1, messages
+    error = assert_error_reply(messages[0], protocol.BAD_REQUEST)
+    assert f"frame length {MIB + 1} exceeds {MIB}" in error["message"]
     assert_healthy(shared_appd)
 
 

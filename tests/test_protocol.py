@@ -224,7 +224,10 @@ def check_payload(appd, payload: bytes, seen: collections.Counter) -> None:
     seen.update("ok" if reply["ok"] else reply["error"]["code"] for reply in finals)
     if clean:  # every frame gets exactly one final reply, in order
         assert len(finals) == len(messages), (messages, finals)
-    else:  # garbage closes the connection: at most the frames before it are answered
+    else:  # garbage closes the connection: at most the frames before it are answered,
+        # then one parting bad_request without an id says why
+        parting = finals.pop() if finals and finals[-1]["id"] is None else None
+        assert parting is None or parting["error"]["code"] == protocol.BAD_REQUEST, parting
         assert len(finals) <= len(messages), (messages, finals)
     for message, reply in zip(messages, finals):
         try:

@@ -138,6 +138,11 @@ def fuzz(path: str, frames: int, seed: int, stats: Stats) -> None:
                         stats.add("UNEXPECTED_reply_id")
             else:
                 reply = next_reply()
+                if _is_parting_error(reply):  # the reason, then the close
+                    stats.add("parting_error")
+                    reply = next_reply()
+                    if reply is not None:
+                        stats.add(f"UNEXPECTED_reply_after_parting_error:{frame.kind}")
                 if reply is None:
                     stats.add("closed_by_daemon")
                     hang_up()
@@ -149,6 +154,13 @@ def fuzz(path: str, frames: int, seed: int, stats: Stats) -> None:
             stats.add(f"UNEXPECTED_no_answer_to:{frame.kind}")
             hang_up()
     hang_up()
+
+
+def _is_parting_error(reply) -> bool:
+    """The daemon's last word on garbage framing: a bad_request without an id."""
+    return (isinstance(reply, dict) and reply.get("id") is None and reply.get("ok") is False
+            and (reply.get("error") or {}).get("code") == protocol.BAD_REQUEST
+            and "closing the connection" in (reply.get("error") or {}).get("message", ""))
 
 
 def main(argv=None) -> int:

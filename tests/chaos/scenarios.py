@@ -167,7 +167,8 @@ def print_abuse(figures: dict) -> None:
           f"{dropped} connections opened and dropped, {sent} fuzzed frames")
     print("  frames:  " + ", ".join(f"{k[6:]} {v}" for k, v in stats.items() if k.startswith("frame:")))
     print("  replies: " + ", ".join(f"{k[6:]} {v}" for k, v in stats.items() if k.startswith("reply:")))
-    print(f"  hung up by the daemon on bad framing: {stats.get('closed_by_daemon', 0)}, "
+    print(f"  hung up by the daemon on bad framing: {stats.get('closed_by_daemon', 0)} "
+          f"({stats.get('parting_error', 0)} after a parting bad_request), "
           f"connect failures: {sum(v for k, v in stats.items() if k.startswith('connect_failed'))}, "
           f"unexpected answers: {unexpected(stats) or 0}")
     print(f"  {figures['probe'].summary()}")
