@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(flags)
     except config.ConfigError as exc:
         print(f"appd: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        # check's verdict is 0 or 1 (the contract); start refuses like a usage error
+        return EXIT_FAILED if args.subcommand == "check" else EXIT_USAGE
     if args.subcommand == "check":
         return check(cfg)
     return start(cfg, flags)

@@ -101,18 +101,18 @@ def test_chdir_decides_where_the_app_is_imported_from(tmp_path):
     ([], {"APPD_BIND": "nowhere"}, ["bind", "'nowhere'", "APPD_BIND"]),
     (["--log-format", "xml"], {}, ["log_format", "'xml'", "--log-format"]),
 ])
-def test_invalid_config_exits_2_naming_the_setting(args, env, named):
+def test_invalid_config_exits_1_naming_the_setting(args, env, named):
     result = check("core_probe:app", *args, env=env)
-    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.returncode == 1, (result.returncode, result.stderr)
     assert all(part in result.stderr for part in named), result.stderr
     assert "config ok" not in result.stdout
 
 
-def test_invalid_config_file_exits_2(tmp_path):
+def test_invalid_config_file_exits_1(tmp_path):
     path = tmp_path / "appd.toml"
     path.write_text("workers = 2\nunknown_setting = 1\n")
     result = check("-c", str(path))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "unknown_setting" in result.stderr and str(path) in result.stderr
 
 
