@@ -200,6 +200,15 @@ def test_invalid_requests_get_a_typed_error_reply(shared_appd, message, code, sa
     assert_healthy(shared_appd)
 
 
+def test_command_names_take_the_cli_spelling_too(shared_appd):
+    """reopen-logs on the wire as appdctl spells it, reopen_logs as the table does."""
+    with connect(shared_appd.socket) as sock:
+        for request_id, name in enumerate(("reopen-logs", "reopen_logs"), start=1):
+            reply = ask(sock, request(name, request_id=request_id))
+            assert reply["ok"] is True and reply["id"] == request_id, reply
+    assert_healthy(shared_appd)
+
+
 def test_a_non_integer_request_id_is_refused_with_a_null_id(shared_appd):
     with connect(shared_appd.socket) as sock:
         error = assert_error_reply(ask(sock, request("ping", request_id="seven")), protocol.BAD_REQUEST)
