@@ -191,10 +191,11 @@ class Daemon:
     def on_generation_exit(self, generation: Generation, how: str) -> None:
         was = generation.state
         generation.exit_status = how
-        generation.state = FAILED if was in ("starting", READY) else EXITED
+        generation.state = FAILED if was in ("starting", READY) or generation.rolled_back else EXITED
         generation.snapshot = {**generation.snapshot, "workers": []}
         generation.close(self.loop)
-        self.log.info("generation_exited", generation=generation.id, status=how, was=was)
+        self.log.info("generation_exited", generation=generation.id, status=how, was=was,
+                      state=generation.state)
         # Orphaned workers (re-parented to us) get SIGTERM from the kernel; kill stragglers later.
         self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: self.kill_stragglers(generation.pid))
         self.generations = [g for g in self.generations if g.alive or g is generation][-20:]

@@ -43,6 +43,7 @@ class Generation:
         self._partial = b""
         self.snapshot: dict = {"workers": [], "ready": 0, "target": 0, "phase": "booting"}
         self.exit_status: str | None = None
+        self.rolled_back = False  # drained because it failed to become ready: ends as "failed"
 
     def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
               extra_env: dict, on_message) -> None:

@@ -134,6 +134,7 @@ class Upgrade(Operation):
         self.output = output
         self.log.error("rolling_back", reason=reason)
         self.progress("rolling_back", generation=self.new.id, reason=reason)
+        self.new.rolled_back = True
         self.daemon.drain_generation(self.new, sweep=False, hard_after=min(5.0, self.daemon.cfg.graceful_timeout))
 
     def _restore(self) -> None:

@@ -5,7 +5,9 @@ no request waits for the new code to import."""
 
 from __future__ import annotations
 
+
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -65,6 +67,12 @@ def test_upgrade_serves_new_code_without_failing_a_request(start_appd, tmp_path)
 
 # --- broken deploys: each rolls back and the old generation never misses a request ---
 
+def exit_states(appd) -> dict[int, str]:
+    """generation id → the state the daemon logged when that generation exited."""
+    return {int(m["generation"]): m["state"] for m in re.finditer(
+        r"generation_exited\s.*?generation=(?P<generation>\d+).*?state=(?P<state>\w+)", appd.log())}
+
+
 def assert_rolls_back(appd, *upgrade_args: str) -> tuple[dict, float]:
     """Upgrade under load; check the rollback contract; return (error, seconds).
 
@@ -93,6 +101,10 @@ def assert_rolls_back(appd, *upgrade_args: str) -> tuple[dict, float]:
     wait_until(lambda: [g["id"] for g in appd.status()["generations"]] == [before["id"]], 10,
                message="only the old generation left")
     assert appd.get("/")[2] == b"v1\n"
+    # The lifecycle's `starting → failed`: the rolled-back generation ends as failed, not exited.
+    broken = before["id"] + 1
+    wait_until(lambda: broken in exit_states(appd), 10, message="the rolled-back generation's exit logged")
+    assert exit_states(appd)[broken] == "failed", exit_states(appd)
     print(f"rolled back in {seconds:.2f} s: {error['reason']}; load: {load.report()}")
     return error, seconds
 
