@@ -295,7 +295,9 @@ class Daemon:
         else:
             operation.responder.fail(error["code"], error["message"],
                                      **{k: v for k, v in error.items() if k not in ("code", "message")})
-        if isinstance(operation, (Upgrade, Reload)) and not isinstance(operation, Start) \
+        # Every operation that said RELOADING=1 says READY=1 again, whatever its outcome
+        # (a re-exec that succeeds says it from the new code instead: this never runs).
+        if isinstance(operation, (Upgrade, Reload, ReexecDaemon)) and not isinstance(operation, Start) \
                 and self.state != "stopping":
             self.notify("READY=1", self.status_line())
         if self.state == "crashlooping" and self.serving is None and self.recovery_timer is None:

@@ -164,12 +164,19 @@ def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
 
 def test_broken_daemon_reexec_leaves_old_daemon_serving(start_appd, tmp_path):
     pkg = _copy_of_appd(tmp_path)
-    appd = start_appd("-w", "2", env={"PYTHONPATH": str(pkg)})
-    (pkg / "appd" / "daemon.py").write_text("this is not python (\n")
-    result = appd.ctl("upgrade", "--daemon")
-    assert result.returncode == 1
-    assert "old daemon keeps running" in result.stderr and "SyntaxError" in result.stderr
-    status = appd.status()
-    assert status["daemon"]["pid"] == appd.pid and status["daemon"]["state"] == "running"
-    assert status["last_operation"]["op"] == "upgrade-daemon" and not status["last_operation"]["ok"]
-    assert appd.get("/")[0] == 200
+    receiver = NotifyReceiver(tmp_path / "notify.sock")
+    try:
+        appd = start_appd("-w", "2", env={"PYTHONPATH": str(pkg), "NOTIFY_SOCKET": receiver.path})
+        (pkg / "appd" / "daemon.py").write_text("this is not python (\n")
+        result = appd.ctl("upgrade", "--daemon")
+        assert result.returncode == 1
+        assert "old daemon keeps running" in result.stderr and "SyntaxError" in result.stderr
+        status = appd.status()
+        assert status["daemon"]["pid"] == appd.pid and status["daemon"]["state"] == "running"
+        assert status["last_operation"]["op"] == "upgrade-daemon" and not status["last_operation"]["ok"]
+        assert appd.get("/")[0] == 200
+        # systemd is told the reload is over: it must not stay "reloading" forever.
+        wait_until(lambda: receiver.keys() == ["READY=1", "RELOADING=1", "READY=1"], 5,
+                   message=f"READY=1 after the refused re-exec (got {receiver.keys()})")
+    finally:
+        receiver.close()
