@@ -175,6 +175,7 @@ class Reload(Operation):
         if new_cfg.bind != daemon.cfg.bind or new_cfg.backlog != daemon.cfg.backlog or serving is None:
             self._reload_by_upgrade()
             return
+        self.previous_cfg = daemon.cfg
         daemon.apply_config(new_cfg, self.new_target)
         self.generation = serving
         self.deadline = time.monotonic() + new_cfg.boot_timeout + new_cfg.graceful_timeout
@@ -210,11 +211,19 @@ class Reload(Operation):
                 self.succeed(generation=generation.id, notes=self.notes, changed=self.changed,
                              seconds=round(time.monotonic() - self.started, 3))
             else:
+                self._keep_previous_config()
                 self.fail(protocol.FAILED, f"reload failed, old workers kept: {message.get('reason')}",
                           output=message.get("output", ""))
 
+    def _keep_previous_config(self) -> None:
+        """The master went back to its old settings; so does the daemon, or the next
+        generation (an upgrade, a crash recovery) would start from the failed config.
+        The worker target stays where the master has it: scale is the way to change it."""
+        self.daemon.apply_config(self.previous_cfg, self.daemon.target)
+
     def on_exit(self, generation) -> None:
         if generation is self.generation:
+            self._keep_previous_config()
             self.fail(protocol.FAILED, f"generation {generation.id} exited during reload "
                       f"({generation.exit_status})", output=generation.last_lines())
 

@@ -182,6 +182,33 @@ def test_reload_adds_listener_from_config(file_bound_appd, tmp_path):
     assert not load.failures, load.report()
 
 
+def test_reload_whose_new_workers_fail_keeps_old_workers_and_old_config(start_appd, tmp_path):
+    """The new config names an app that cannot import: the old workers keep serving,
+    and the daemon forgets the failed config, so a crash recovery starts the old app."""
+    config = tmp_path / "appd.toml"
+    config.write_text('app = "core_probe:app"\nworkers = 2\n')
+    appd = start_appd("-c", str(config))
+    before = appd.serving_generation()
+    config.write_text('app = "broken:app"\nworkers = 3\n')
+    code, reply = appd.ctl_json("reload")
+    assert code == 1 and reply["error"]["code"] == "failed", reply
+    assert "broken deploy" in reply["error"]["message"] + reply["error"].get("output", ""), reply
+    target = appd.status()["target_workers"]
+    wait_until(lambda: appd.serving_generation()["ready_workers"] == target, 10,
+               message="the target met by workers of the old app")
+    assert worker_pids(before) <= worker_pids(appd.serving_generation()), "the old workers are kept"
+    assert appd.get("/")[0] == 200
+    # A crash recovery starts from the config that was serving, not the failed one.
+    os.kill(before["master_pid"], signal.SIGKILL)
+    def recovered():
+        serving = [g for g in appd.status()["generations"] if g["state"] == "serving"]
+        return serving and serving[-1]["id"] > before["id"] and serving[-1]["ready_workers"] == target
+    wait_until(recovered, 20,
+               message="a new generation of the old app after the master's crash")
+    assert appd.get("/")[0] == 200
+    assert appd.status()["daemon"]["state"] == "running"
+
+
 def test_reload_says_which_changes_wait_for_the_next_upgrade(start_appd, tmp_path):
     """python and chdir belong to a generation's exec: reload records them, upgrade applies them."""
     config = tmp_path / "appd.toml"
