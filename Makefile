@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench profile chaos clean
+.PHONY: run test bench-deps bench profile chaos clean
 
 # A regular install, then the import packages in site-packages are replaced by
 # symlinks to daemon/ and ctl/, so edits are live (like `flit install --symlink`).
@@ -45,17 +45,16 @@ test: $(STAMP)
 # appd beside gunicorn 27 (about 15 minutes on 2 cores). Installs wrk from
 # Debian when it can; without it a Python load client measures throughput.
 # `make bench BENCH_ARGS="--quick --only hello,ctl"` for a short run.
-bench: $(STAMP)
+bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet '.[bench]'
 	$(link_packages)
-	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client)
+	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client; make profile needs it)
+
+bench: bench-deps
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
-# Where a worker's time goes under wrk load (py-spy; installed with the bench extras).
-profile: $(STAMP)
-	$(PY) -m pip install --quiet '.[bench]'
-	$(link_packages)
-	$(call apt_install,wrk,wrk,the profile needs it)
+# Where a worker's time goes under wrk load (py-spy, from the bench extras).
+profile: bench-deps
 	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
 # Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints

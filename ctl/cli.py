@@ -42,13 +42,13 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="appdctl", description="Control a running appd.")
-    _add_client_options(parser, default=None)
+    _add_client_options(parser)
     # The same options after the command too (`appdctl status --json`), without
     # overriding ones given before it; drain's own --timeout is its drain time.
     anywhere = _Parser(add_help=False)
-    _add_client_options(anywhere, default=argparse.SUPPRESS)
+    _add_client_options(anywhere, after_command=True)
     anywhere_but_timeout = _Parser(add_help=False)
-    _add_client_options(anywhere_but_timeout, default=argparse.SUPPRESS, timeout=False)
+    _add_client_options(anywhere_but_timeout, after_command=True, timeout=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str, parents=(anywhere,)) -> argparse.ArgumentParser:
@@ -75,14 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_client_options(parser: argparse.ArgumentParser, default, timeout: bool = True) -> None:
-    parser.add_argument("--socket", default=default,
+def _add_client_options(parser: argparse.ArgumentParser, after_command: bool = False,
+                        timeout: bool = True) -> None:
+    # After the command, an option not given must leave no default behind.
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--socket", **unset,
                         help="control socket (default: $APPD_SOCKET, else appd's default path)")
-    parser.add_argument("--json", action="store_true", default=default if default is not None else False,
+    parser.add_argument("--json", action="store_true", **unset,
                         help="print the result as JSON (events as JSON lines)")
     if timeout:
-        parser.add_argument("--timeout", type=float, default=default,
-                            help="seconds to wait for the final reply")
+        parser.add_argument("--timeout", type=float, **unset, help="seconds to wait for the final reply")
 
 
 def request_for(args: argparse.Namespace) -> tuple[str, dict]:
@@ -132,8 +134,10 @@ class _SurvivesClosedPipe:
             try:
                 write(*args)
             except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
                 for stream in (sys.stdout, sys.stderr):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                    os.dup2(devnull, stream.fileno())
+                os.close(devnull)
         return guarded
 
 

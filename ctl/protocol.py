@@ -137,9 +137,10 @@ def validate_request(message) -> tuple[int, str, dict]:
     cmd = message.get("cmd")
     if not isinstance(cmd, str):
         raise ProtocolError(BAD_REQUEST, "cmd must be a string")
-    if cmd.replace("-", "_") not in COMMANDS:
+    name = cmd.replace("-", "_")  # "reopen-logs" as appdctl spells it, "reopen_logs" as the table does
+    if name not in COMMANDS:
         raise ProtocolError(UNKNOWN_COMMAND, f"unknown command {cmd!r}; known: {', '.join(sorted(COMMANDS))}")
-    cmd = cmd.replace("-", "_")  # "reopen-logs" as appdctl spells it, "reopen_logs" as Python does
+    cmd = name
     args = message.get("args", {})
     if args is None:
         args = {}

@@ -19,7 +19,7 @@ from . import __version__, config, listeners as listeners_mod, log, proc, reexec
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
-from .operations import ReexecDaemon, Reload, Scale, Shutdown, Start, Stop, Upgrade
+from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
 
 # Settings only the daemon uses; a master gets everything else.
 _DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "control_socket", "control_socket_mode",
@@ -274,7 +274,7 @@ class Daemon:
         if self.state == "stopping":
             operation.responder.fail(protocol.BUSY, "busy: the daemon is stopping")
             return False
-        if isinstance(operation, (Upgrade, Reload, ReexecDaemon)):
+        if operation.reloads_service:
             self.loop.cancel(self.recovery_timer)
             self.notify(*systemd.reloading_lines())
         self.operation = operation
@@ -295,10 +295,7 @@ class Daemon:
         else:
             operation.responder.fail(error["code"], error["message"],
                                      **{k: v for k, v in error.items() if k not in ("code", "message")})
-        # Every operation that said RELOADING=1 says READY=1 again, whatever its outcome
-        # (a re-exec that succeeds says it from the new code instead: this never runs).
-        if isinstance(operation, (Upgrade, Reload, ReexecDaemon)) and not isinstance(operation, Start) \
-                and self.state != "stopping":
+        if operation.reloads_service and self.state != "stopping":
             self.notify("READY=1", self.status_line())
         if self.state == "crashlooping" and self.serving is None and self.recovery_timer is None:
             self.recovery_timer = self.loop.call_later(1.0, self.recover)

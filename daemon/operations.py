@@ -17,6 +17,7 @@ from .config import BY_NAME, ConfigError
 
 class Operation:
     name = "operation"
+    reloads_service = False  # says RELOADING=1 to systemd when it begins, READY=1 when it ends
 
     def __init__(self, daemon, responder, args: dict | None = None):
         self.daemon = daemon
@@ -62,6 +63,7 @@ class Upgrade(Operation):
     rolled_back with the reason and N+1's last output."""
 
     name = "upgrade"
+    reloads_service = True
     # Set by Reload when it applies new listeners through an upgrade.
     after_success = None
     after_failure = None
@@ -148,6 +150,7 @@ class Reload(Operation):
     drained after. A change of listeners is applied with a new generation."""
 
     name = "reload"
+    reloads_service = True
 
     def start(self) -> None:
         daemon = self.daemon
@@ -357,6 +360,7 @@ class Start(Upgrade):
     """The first generation: an upgrade from nothing."""
 
     name = "start"
+    reloads_service = False  # the first generation: systemd hears READY=1 once it serves
 
 
 class ReexecDaemon(Operation):
@@ -365,6 +369,7 @@ class ReexecDaemon(Operation):
     new code is first imported in a child; if that fails, nothing changes."""
 
     name = "upgrade-daemon"
+    reloads_service = True  # a re-exec that succeeds says READY=1 from the new code
 
     def start(self) -> None:
         try:
