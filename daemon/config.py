@@ -194,6 +194,8 @@ SETTINGS: list[Setting] = [
     Setting("unix_socket_mode", _mode, 0o666, "file mode of unix:PATH listeners", metavar="MODE"),
     Setting("keepalive", _seconds, 2.0, "seconds an idle keep-alive connection is kept (gthread)",
             metavar="S"),
+    Setting("header_timeout", _seconds, 10.0, "deadline for a whole request head, from its first "
+            "byte (or from accept) to its blank line; answered 408 (0: none)", metavar="S"),
     Setting("limit_request_line", _int(0), 4094, "longest request line in bytes (0: no limit)", metavar="N"),
     Setting("limit_request_fields", _int(0), 100, "most header fields per request (0: no limit)",
             metavar="N"),
