@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import time
 
 from . import protocol
@@ -30,10 +31,19 @@ class CommandError(Exception):
         return protocol.EXIT_CODES.get(self.code, protocol.EXIT_FAILED)
 
 
+def _expected_uid() -> int | None:
+    text = os.environ.get("APPD_EXPECT_UID")
+    return int(text) if text and text.isdigit() else None
+
+
 class Client:
-    def __init__(self, path: str | None = None, timeout: float | None = 30.0):
+    """`expect_uid` (or APPD_EXPECT_UID): a further uid the daemon may run as,
+    besides root and our own; anyone else on the socket gets nothing from us."""
+
+    def __init__(self, path: str | None = None, timeout: float | None = 30.0, expect_uid: int | None = None):
         self.path = path or os.environ.get("APPD_SOCKET") or protocol.default_socket_path()
         self.timeout = timeout
+        self.expect_uid = expect_uid if expect_uid is not None else _expected_uid()
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
         self._decoder = protocol.FrameDecoder()
@@ -54,8 +64,22 @@ class Client:
                 sock.close()
                 raise CommandError(protocol.UNREACHABLE,
                                    f"no daemon answers on {self.path}: {exc.strerror or exc}") from None
+            self._check_server(sock)
             self._sock = sock
         return self
+
+    def _check_server(self, sock: socket.socket) -> None:
+        """Before sending anything (upgrade --env may carry secrets): the process
+        listening must run as root, as us, or as the uid we were told to expect,
+        never as another user who got to the socket path first."""
+        cred = struct.Struct("3i")
+        pid, uid, _ = cred.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, cred.size))
+        if uid in (0, os.getuid(), self.expect_uid):
+            return
+        sock.close()
+        raise CommandError(protocol.PERMISSION_DENIED,
+                           f"the process on {self.path} (pid {pid}) runs as uid {uid}, not root or uid "
+                           f"{os.getuid()}; refusing to talk to it (APPD_EXPECT_UID={uid} if you trust it)")
 
     def close(self) -> None:
         if self._sock is not None:

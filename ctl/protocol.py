@@ -14,6 +14,7 @@ nothing but msgpack and the standard library.
 from __future__ import annotations
 
 import os
+import reprlib
 import struct
 
 import msgpack
@@ -30,6 +31,7 @@ PERMISSION_DENIED = "permission_denied"
 TIMEOUT = "timeout"
 FAILED = "failed"
 ROLLED_BACK = "rolled_back"
+INTERNAL = "internal"  # an unexpected exception in the daemon; it logged it and goes on serving
 UNREACHABLE = "unreachable"  # client-side only: no daemon answered
 
 # Exit codes of appdctl, one per error code (the contract's table).
@@ -46,6 +48,7 @@ EXIT_CODES = {
     TIMEOUT: EXIT_FAILED,
     FAILED: EXIT_FAILED,
     ROLLED_BACK: EXIT_FAILED,
+    INTERNAL: EXIT_FAILED,
     UNREACHABLE: EXIT_UNREACHABLE,
 }
 
@@ -73,6 +76,17 @@ COMMANDS: dict[str, tuple[bool, dict[str, Arg]]] = {
     "reopen_logs": (False, {}),
     "retire": (True, {"pid": Arg(int, required=True)}),
 }
+
+
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 6
+
+
+def short(value) -> str:
+    """A bounded repr for error messages: a request may nest 1,000 levels deep or
+    carry 500k elements, and its error reply must still be small and cheap."""
+    return _SHORT.repr(value)
 
 
 class ProtocolError(Exception):
@@ -130,7 +144,7 @@ def validate_request(message) -> tuple[int, str, dict]:
     if not isinstance(message, dict):
         raise ProtocolError(BAD_REQUEST, f"a request must be a map, not {type(message).__name__}")
     if message.get("v") != VERSION:
-        raise ProtocolError(BAD_REQUEST, f"unsupported protocol version {message.get('v')!r}, expected {VERSION}")
+        raise ProtocolError(BAD_REQUEST, f"unsupported protocol version {short(message.get('v'))}, expected {VERSION}")
     request_id = message.get("id")
     if not isinstance(request_id, int) or isinstance(request_id, bool):
         raise ProtocolError(BAD_REQUEST, "request id must be an integer")
@@ -139,7 +153,7 @@ def validate_request(message) -> tuple[int, str, dict]:
         raise ProtocolError(BAD_REQUEST, "cmd must be a string")
     name = cmd.replace("-", "_")  # "reopen-logs" as appdctl spells it, "reopen_logs" as the table does
     if name not in COMMANDS:
-        raise ProtocolError(UNKNOWN_COMMAND, f"unknown command {cmd!r}; known: {', '.join(sorted(COMMANDS))}")
+        raise ProtocolError(UNKNOWN_COMMAND, f"unknown command {short(cmd)}; known: {', '.join(sorted(COMMANDS))}")
     cmd = name
     args = message.get("args", {})
     if args is None:
@@ -149,7 +163,8 @@ def validate_request(message) -> tuple[int, str, dict]:
     spec = COMMANDS[cmd][1]
     unknown = set(args) - set(spec)
     if unknown:
-        raise ProtocolError(BAD_REQUEST, f"{cmd}: unknown argument(s) {', '.join(sorted(map(str, unknown)))}")
+        raise ProtocolError(BAD_REQUEST, f"{cmd}: unknown argument(s) "
+                            f"{', '.join(sorted(short(k) for k in list(unknown)[:8]))}")
     checked = {}
     for name, arg in spec.items():
         value = args.get(name)

@@ -35,7 +35,11 @@ class Channel:
     def send(self, message: dict) -> None:
         if self.closed:
             return
-        self.outbuf += encode(message)
+        try:
+            frame = encode(message)
+        except ProtocolError as exc:  # a reply too big for a frame: say so rather than lose it
+            frame = encode(error_reply(message.get("id"), "internal", f"reply not sent: {exc.message}"))
+        self.outbuf += frame
         if len(self.outbuf) > self.max_outbuf:
             self.close("peer does not read its replies")
             return

@@ -50,6 +50,11 @@ def flags_from(namespace: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = flags_from(args)
+    if args.subcommand == "start":
+        from . import reexec
+        state = reexec.read_state()
+        if state is not None:  # re-exec'd in place: the running config, never the file on disk
+            return start(*reexec.config_of(state), state=state)
     try:
         cfg = config.load(flags)
     except config.ConfigError as exc:
@@ -88,15 +93,11 @@ def check(cfg: config.Config) -> int:
     return EXIT_OK
 
 
-def start(cfg: config.Config, flags: dict) -> int:
-    from . import log, reexec
+def start(cfg: config.Config, flags: dict, state: dict | None = None) -> int:
+    from . import log
     from .control import ControlSocketError
     from .daemon import Daemon
 
-    state = reexec.read_state()
-    if state is not None:  # re-exec'd in place: keep the running config, not a re-read one
-        cfg = config.Config(state["config"]["values"], state["config"]["sources"])
-        flags = state["flags"]
     log.configure(cfg.log_format, cfg.log_level, cfg.error_log)
     try:
         daemon = Daemon(cfg, flags)

@@ -6,6 +6,7 @@ Precedence: defaults < TOML file (--config) < APPD_* environment < flags.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tomllib
@@ -21,14 +22,18 @@ class ConfigError(Exception):
 
 # --- value parsers: each takes a TOML value or a string and returns the typed value ---
 
-def _int(minimum: int | None = None, maximum: int | None = None) -> Callable:
+_INT_MAX = 2 ** 31 - 1      # every integer setting ends up in a C int somewhere (listen, setrlimit)
+_SECONDS_MAX = 10.0 ** 9    # ~31 years: beyond this a timeout overflows C timevals
+
+
+def _int(minimum: int | None = None, maximum: int | None = _INT_MAX) -> Callable:
     def parse(value):
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError(f"{value!r} is not an integer")
         try:
             number = int(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an integer") from None
+        except ValueError:  # also Python's limit on digits in a string
+            raise ValueError(f"{_short(value)} is not an integer") from None
         if minimum is not None and number < minimum:
             raise ValueError(f"{number} is below the minimum {minimum}")
         if maximum is not None and number > maximum:
@@ -38,16 +43,29 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Callable:
     return parse
 
 
-def _seconds(value):
+def _short(value) -> str:
+    from appdctl.protocol import short
+    return short(value)
+
+
+def seconds(value):
+    """A duration: finite, not negative, not absurd. Shared with control arguments (drain --timeout)."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number of seconds")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{value!r} is not a number of seconds") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{_short(value)} is not a number of seconds") from None
+    if math.isnan(number) or math.isinf(number):
+        raise ValueError(f"{_short(value)} is not a finite number of seconds")
     if number < 0:
         raise ValueError(f"{number} is negative")
+    if number > _SECONDS_MAX:
+        raise ValueError(f"{_short(value)} is above the maximum {_SECONDS_MAX:.0f} seconds")
     return number
+
+
+_seconds = seconds
 
 
 def _bool(value):
@@ -57,12 +75,14 @@ def _bool(value):
         return True
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+    raise ValueError(f"{_short(value)} is not a boolean (use true or false)")
 
 
 def _str(value):
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a string")
+        raise ValueError(f"{_short(value)} is not a string")
+    if "\0" in value:
+        raise ValueError(f"{_short(value)} contains a NUL character")
     return value
 
 
@@ -74,8 +94,8 @@ def _optional_str(value):
 
 def _choice(*choices: str) -> Callable:
     def parse(value):
-        if value not in choices:
-            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{_short(value)} is not one of {', '.join(choices)}")
         return value
     return parse
 
@@ -83,10 +103,10 @@ def _choice(*choices: str) -> Callable:
 def _str_list(value):
     """A list from TOML, or a comma-separated string from the environment."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return [_str(part.strip()) for part in value.split(",") if part.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{value!r} is not a list of strings")
+        return [_str(v) for v in value]
+    raise ValueError(f"{_short(value)} is not a list of strings")
 
 
 def _argv(value):
@@ -102,7 +122,7 @@ def _int_list(value):
         return [int(v) for v in _str_list(value)] if isinstance(value, str) else [
             _int()(v) for v in value]
     except (TypeError, ValueError):
-        raise ValueError(f"{value!r} is not a list of integers") from None
+        raise ValueError(f"{_short(value)} is not a list of integers") from None
 
 
 def _mode(value):
@@ -112,16 +132,16 @@ def _mode(value):
         try:
             number = int(str(value), 8)
         except ValueError:
-            raise ValueError(f"{value!r} is not an octal file mode such as 0600") from None
+            raise ValueError(f"{_short(value)} is not an octal file mode such as 0600") from None
     if not 0 <= number <= 0o777:
-        raise ValueError(f"{value!r} is not a file mode between 0000 and 0777")
+        raise ValueError(f"{_short(value)} is not a file mode between 0000 and 0777")
     return number
 
 
 def _hook(value):
     value = _optional_str(value)
     if value is not None and ":" not in value:
-        raise ValueError(f"{value!r} is not of the form module:function")
+        raise ValueError(f"{_short(value)} is not of the form module:function")
     return value
 
 
@@ -245,7 +265,7 @@ def _apply(values: dict, sources: dict, name: str, raw, source: str) -> None:
     setting = BY_NAME[name]
     try:
         values[name] = setting.parse(raw)
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         where = f" (from {source})" if source else ""
         raise ConfigError(f"invalid {name}{where}: {exc}") from None
     sources[name] = source
@@ -259,8 +279,14 @@ def read_file(path: str) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1: TOML is UTF-8
+        raise ConfigError(f"config file {path} is not UTF-8 (TOML must be): byte "
+                          f"0x{exc.object[exc.start]:02x} at offset {exc.start}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # e.g. nesting too deep, a huge number
+        raise ConfigError(f"config file {path} cannot be read: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     # Accept both a flat file and one with an [appd] table.
     if isinstance(data.get("appd"), dict):
         data = data["appd"]
@@ -277,7 +303,7 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
         _apply(values, sources, "config", config_path, "command line" if "config" in flags else "environment")
         for name, raw in read_file(config_path).items():
             if name not in BY_NAME or name in _NOT_IN_FILE:
-                raise ConfigError(f"unknown setting {name!r} in {config_path}")
+                raise ConfigError(f"unknown setting {_short(name)} in {config_path}")
             _apply(values, sources, name, raw, config_path)
     for setting in SETTINGS:
         if setting.env in environ and setting.name != "config":

@@ -25,12 +25,33 @@ class ControlSocketError(Exception):
     """The control socket path cannot be used; the message says why."""
 
 
-def prepare_path(path: str) -> None:
-    """Create the parent directory 0700 if absent; refuse a symlink or a non-socket at
-    the path; fail if a live daemon answers there; replace a stale socket file."""
+def check_private_dir(directory: str) -> None:
+    """The default directory (/tmp/appd-UID) is in a world-writable place: another
+    user may have made it (or a symlink) first, to swap in their own socket and
+    read what appdctl sends. Use it only if it is a real directory of ours that
+    nobody else may enter."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ControlSocketError(f"control socket directory {directory} is not a directory (a symlink?); "
+                                 "refusing to use it")
+    if info.st_uid != os.geteuid():
+        raise ControlSocketError(f"control socket directory {directory} is owned by uid {info.st_uid}, "
+                                 f"not {os.geteuid()}; refusing to use it")
+    if info.st_mode & 0o077:
+        raise ControlSocketError(f"control socket directory {directory} has mode "
+                                 f"{stat.S_IMODE(info.st_mode):04o}; group and others must have no access "
+                                 "(chmod 700 it)")
+
+
+def prepare_path(path: str, default: bool = False) -> None:
+    """Create the parent directory 0700 if absent (and, for the default path, check
+    it is private); refuse a symlink or a non-socket at the path; fail if a live
+    daemon answers there; replace a stale socket file."""
     parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
+    if not os.path.lexists(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
+    if default:
+        check_private_dir(parent)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -71,16 +92,17 @@ class ControlServer:
         self.loop.add_reader(self.sock, self.accept)
 
     def _bind(self, cfg) -> socket.socket:
-        prepare_path(self.path)
+        prepare_path(self.path, default=cfg.sources.get("control_socket") == "default")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
+        # The mode comes from the umask at bind: no chmod by path, which would follow
+        # a symlink planted between bind and chmod.
+        old_umask = os.umask(0o777 & ~cfg.control_socket_mode)
         try:
             sock.bind(self.path)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, cfg.control_socket_mode)
         if cfg.control_socket_group:
-            os.chown(self.path, -1, grp.getgrnam(cfg.control_socket_group).gr_gid)
+            os.chown(self.path, -1, grp.getgrnam(cfg.control_socket_group).gr_gid, follow_symlinks=False)
         sock.listen(128)
         return sock
 
@@ -145,6 +167,10 @@ def _supplementary_groups(pid: int) -> set[int]:
 class ControlClient:
     def __init__(self, server: ControlServer, sock: socket.socket):
         self.server = server
+        try:  # who is asking: some arguments are reserved to root and the daemon's user
+            self.peer_uid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1]
+        except OSError:
+            self.peer_uid = -1
         self.running: set[int] = set()  # request ids still waiting for their final reply
         self.channel = Channel(server.loop, sock, self.on_message, self.on_close, parting_error=True)
 
@@ -180,6 +206,8 @@ class ClientResponder:
     def __init__(self, client: ControlClient, request_id: int):
         self.client = client
         self.request_id = request_id
+        self.replied = False  # exactly one final reply, even when the exception boundary answers
+        self.peer_uid = client.peer_uid
 
     def event(self, name: str, **fields) -> None:
         self.client.send(protocol.event(self.request_id, name, **fields))
@@ -191,6 +219,9 @@ class ClientResponder:
         self._final(protocol.error_reply(self.request_id, code, message, **extra))
 
     def _final(self, reply: dict) -> None:
+        if self.replied:
+            return
+        self.replied = True
         self.client.running.discard(self.request_id)
         self.client.channel.last_activity = time.monotonic()
         self.client.send(reply)

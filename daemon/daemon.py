@@ -31,6 +31,17 @@ _CRASH_BACKOFF_MAX = 30.0
 _STABLE_AFTER = 10.0
 
 
+def internal_message(exc: BaseException) -> str:
+    """The exception's type and message, bounded (the message may quote a huge input)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(unprintable)"
+    if len(text) > 500:
+        text = text[:500] + f"... ({len(text)} characters)"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Daemon:
     def __init__(self, cfg: config.Config, flags: dict):
         self.cfg = cfg
@@ -50,7 +61,9 @@ class Daemon:
         self.exit_code: int | None = None
         self.crashes: list[dict] = []
         self.recovery_timer = None
+        self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
         self._processes: dict = {}
+        self.loop.on_error = self.internal_error
 
     # --- life ---
 
@@ -62,8 +75,9 @@ class Daemon:
             reexec.restore(self, state)
         else:
             inherited = listeners_mod.from_systemd()
-            self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited,
-                                                          unix_mode=self.cfg.unix_socket_mode)
+            self.listeners = listeners_mod.initial_listeners(
+                self.cfg.bind, self.bind_explicit(self.cfg), self.cfg.backlog, inherited,
+                unix_mode=self.cfg.unix_socket_mode)
             self.control = ControlServer(self, self.cfg)
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
@@ -83,17 +97,17 @@ class Daemon:
             self.watchdog(watchdog)
         while self.exit_code is None:
             self.loop.run_once(0.25)
-            self.reap()
+            self.loop._call(self.reap)
             if self.operation is not None:
-                self.operation.tick(time.monotonic())
-            self.control.tick()
+                self.drive(self.operation, "tick", time.monotonic())
+            self.loop._call(self.control.tick)
         self.shutdown()
         return self.exit_code
 
     def start_first_generation(self) -> None:
         first = Start(self, LogResponder(self.log, on_done=self._first_generation_done))
         self.operation = first
-        first.start()
+        self.drive(first, "start")
 
     def _first_generation_done(self, ok: bool, error: dict | None) -> None:
         if ok:
@@ -129,9 +143,11 @@ class Daemon:
         return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
 
     def start_generation(self, extra_env: dict | None = None) -> Generation:
+        """A new generation; without `extra_env` it gets the serving one's (upgrade --env)."""
         generation = Generation(self.next_generation, self.pid)
+        generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
         generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
-                         self.listeners, extra_env, self.on_generation_message)
+                         self.listeners, generation.extra_env, self.on_generation_message)
         self.next_generation += 1
         self.generations.append(generation)
         self.log.info("generation_started", generation=generation.id, master=generation.pid)
@@ -144,6 +160,7 @@ class Daemon:
     def promote(self, generation: Generation) -> None:
         generation.state = SERVING
         generation.ready_at = time.monotonic()
+        self.generation_env = generation.extra_env
         if self.state == "crashlooping":
             self.state = "running"
 
@@ -175,7 +192,7 @@ class Daemon:
         elif message.get("t") == "ready" and generation.state not in (SERVING, DRAINING):
             generation.state = READY
         if self.operation is not None:
-            self.operation.on_message(generation, message)
+            self.drive(self.operation, "on_message", generation, message)
         elif message.get("t") == "ready" and generation.state == READY:
             self.recovered(generation)
 
@@ -186,7 +203,7 @@ class Daemon:
             if generation is not None:
                 self.on_generation_exit(generation, proc.describe_exit(status))
             elif self.operation is not None:
-                self.operation.on_child_exit(pid, status)
+                self.drive(self.operation, "on_child_exit", pid, status)
 
     def on_generation_exit(self, generation: Generation, how: str) -> None:
         was = generation.state
@@ -200,7 +217,7 @@ class Daemon:
         self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: self.kill_stragglers(generation.pid))
         self.generations = [g for g in self.generations if g.alive or g is generation][-20:]
         if self.operation is not None:
-            self.operation.on_exit(generation)
+            self.drive(self.operation, "on_exit", generation)
         if was == SERVING and self.state in ("running", "crashlooping"):
             self.crashed(generation, how)
         elif was in ("starting", READY) and self.operation is None and self.state in ("running", "crashlooping"):
@@ -231,10 +248,10 @@ class Daemon:
             except OSError:
                 pass
 
-    # --- crash recovery: a serving master died on its own ---
+    # --- crash recovery: whenever nothing serves or starts, start a generation ---
 
     def crashed(self, generation: Generation, how: str) -> None:
-        if self.serving is not None or any(g.state in ("starting", READY) for g in self.generations):
+        if self.serving is not None or self.starting:
             return
         lived = time.monotonic() - (generation.ready_at or generation.started_mono)
         if lived > _STABLE_AFTER and generation.state == EXITED:
@@ -242,16 +259,33 @@ class Daemon:
         self.crashes.append({"generation": generation.id, "status": how, "at": time.time(),
                              "output": generation.last_lines(5)})
         self.crashes = self.crashes[-10:]
-        delay = 0.0 if len(self.crashes) == 1 else min(_CRASH_BACKOFF_MAX, 0.5 * 2 ** (len(self.crashes) - 1))
         if len(self.crashes) > 1:
             self.state = "crashlooping"
-        self.log.error("master_crashed", generation=generation.id, status=how, restart_in=delay,
+        self.log.error("master_crashed", generation=generation.id, status=how, restart_in=self.backoff(),
                        crashes=len(self.crashes), state=self.state)
-        self.recovery_timer = self.loop.call_later(delay, self.recover)
+        self.ensure_serving()
+
+    @property
+    def starting(self) -> bool:
+        return any(g.state in ("starting", READY) for g in self.generations)
+
+    def backoff(self) -> float:
+        return 0.0 if len(self.crashes) <= 1 else min(_CRASH_BACKOFF_MAX, 0.5 * 2 ** (len(self.crashes) - 1))
+
+    def ensure_serving(self) -> None:
+        """Arm recovery when no generation serves or starts: after a crash, and after
+        every operation (one may end with nothing serving, e.g. the new master died
+        right after cutover while the old one drained). Running operations, a
+        stopping daemon and a recovery already armed wait their turn."""
+        if (self.serving is not None or self.starting or self.operation is not None
+                or self.state in ("starting", "stopping") or self.recovery_timer is not None):
+            return
+        self.recovery_timer = self.loop.call_later(self.backoff(), self.recover)
 
     def recover(self) -> None:
         self.recovery_timer = None
-        if self.operation is not None or self.state == "stopping" or self.serving is not None:
+        if (self.operation is not None or self.state in ("starting", "stopping") or self.serving is not None
+                or self.starting):
             return
         try:
             self.start_generation()
@@ -267,19 +301,47 @@ class Daemon:
 
     def begin(self, operation) -> bool:
         """Start a changing operation, or refuse with busy. Returns whether it started."""
+        takeover = isinstance(operation, Stop) and type(self.operation) is Shutdown
+        if takeover:  # stop takes over from a running drain: the operator wants it over now
+            self.operation.fail(protocol.FAILED, f"drain interrupted: {operation.name} took over")
         if self.operation is not None:
-            operation.responder.fail(protocol.BUSY, f"busy: {self.operation.name} is running "
+            operation.responder.fail(protocol.BUSY, f"{self.operation.name} is running "
                                      f"(for {time.monotonic() - self.operation.started:.1f} s)")
             return False
-        if self.state == "stopping":
-            operation.responder.fail(protocol.BUSY, "busy: the daemon is stopping")
+        if self.state == "stopping" and not takeover:
+            operation.responder.fail(protocol.BUSY, "the daemon is stopping")
             return False
         if operation.reloads_service:
             self.loop.cancel(self.recovery_timer)
+            self.recovery_timer = None
             self.notify(*systemd.reloading_lines())
         self.operation = operation
-        operation.start()
+        self.drive(operation, "start")
         return True
+
+    def drive(self, operation, step: str, *args) -> None:
+        """One step of an operation behind the exception boundary: an exception ends
+        the operation failed (internal) rather than leaving it stuck, which would
+        answer every later command busy, or killing the daemon."""
+        try:
+            getattr(operation, step)(*args)
+        except Exception as exc:
+            self.internal_error(exc, f"{operation.name}.{step}")
+            for stuck in {operation, self.operation} - {None}:
+                if not stuck.finished:
+                    stuck.fail(protocol.INTERNAL, internal_message(exc), where=f"{operation.name}.{step}")
+
+    def internal_error(self, exc: BaseException, where: str, responder=None) -> None:
+        """The exception boundary of the daemon: log with the traceback, answer the
+        client that asked (code internal, type and message), keep serving."""
+        self.log.error("internal_error", where=where, error=internal_message(exc), exc_info=exc)
+        if responder is None:
+            return
+        operation = self.operation
+        if operation is not None and operation.responder is responder and not operation.finished:
+            operation.fail(protocol.INTERNAL, internal_message(exc), where=where)
+        elif not getattr(responder, "replied", False):
+            responder.fail(protocol.INTERNAL, internal_message(exc), where=where)
 
     def finish_operation(self, operation, ok: bool, outcome: str, error: dict | None, result: dict | None):
         if operation.finished:
@@ -297,18 +359,27 @@ class Daemon:
                                      **{k: v for k, v in error.items() if k not in ("code", "message")})
         if operation.reloads_service and self.state != "stopping":
             self.notify("READY=1", self.status_line())
-        if self.state == "crashlooping" and self.serving is None and self.recovery_timer is None:
-            self.recovery_timer = self.loop.call_later(1.0, self.recover)
+        self.ensure_serving()
 
     # --- config ---
 
     def read_config(self) -> config.Config:
         return config.load(self.flags, self.environ)
 
+    @staticmethod
+    def bind_explicit(cfg: config.Config) -> bool:
+        return cfg.sources.get("bind", "default") != "default"
+
+    def bind_specs(self, cfg: config.Config) -> list[str]:
+        """The listener specs `cfg` asks for. Without an explicit bind, socket-activated
+        listeners (fd://N) stay what we serve across reloads."""
+        activated = [l.spec for l in self.listeners if l.spec.startswith("fd://")]
+        return cfg.bind if self.bind_explicit(cfg) or not activated else activated
+
     def apply_config(self, cfg: config.Config, target: int, open_listeners: bool = False) -> None:
         if open_listeners:
-            self.listeners = listeners_mod.open_listeners(cfg.bind, cfg.backlog, current=self.listeners,
-                                                          unix_mode=cfg.unix_socket_mode)
+            self.listeners = listeners_mod.open_listeners(self.bind_specs(cfg), cfg.backlog,
+                                                          current=self.listeners, unix_mode=cfg.unix_socket_mode)
         self.cfg = cfg
         self.target = target
 
@@ -324,13 +395,11 @@ class Daemon:
                 self._close_listener(listener)
 
     def _close_listener(self, listener) -> None:
-        path = listener.address[5:] if listener.address.startswith("unix:") else None
+        try:
+            listeners_mod.unlink_owned(listener)
+        except OSError as exc:
+            self.log.warning("listener_unlink_failed", listener=listener.spec, error=str(exc))
         listener.sock.close()
-        if path and listener.spec.startswith("unix:"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
 
     # --- signals: the same operations the control commands use ---
 
@@ -353,11 +422,16 @@ class Daemon:
         elif signum == signal.SIGUSR1:
             self.reopen_logs()
 
-    def reopen_logs(self) -> None:
-        log.reopen()
+    def reopen_logs(self) -> list[str]:
+        """Reopen log files everywhere; the daemon's files that cannot be reopened
+        (directory removed...) keep their old descriptor and are named in the result."""
+        errors = log.reopen()
+        for error in errors:
+            self.log.error("reopen_logs_failed", error=error)
         for generation in self.generations:
             if generation.alive:
                 generation.send({"t": "reopen_logs"})
+        return errors
 
     # --- status ---
 
@@ -412,7 +486,12 @@ class Daemon:
         if not path:
             return
         tmp = f"{path}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
+        try:  # O_EXCL|O_NOFOLLOW: a planted symlink or file at the temp name is refused, never followed
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{self.pid}\n")
         os.replace(tmp, path)
 

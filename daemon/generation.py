@@ -44,6 +44,7 @@ class Generation:
         self.snapshot: dict = {"workers": [], "ready": 0, "target": 0, "phase": "booting"}
         self.exit_status: str | None = None
         self.rolled_back = False  # drained because it failed to become ready: ends as "failed"
+        self.extra_env: dict = {}  # upgrade --env it was started with
 
     def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
               extra_env: dict, on_message) -> None:

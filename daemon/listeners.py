@@ -3,6 +3,7 @@ LISTEN_FDS or our own APPD_FDS), and describe them to new generations."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -29,6 +30,8 @@ def parse_address(spec: str) -> Address:
             fd = int(spec[5:])
         except ValueError:
             raise ValueError(f"{spec!r} is not fd://N with N a file descriptor number") from None
+        if not 0 <= fd < 2 ** 31:
+            raise ValueError(f"{spec!r}: {fd} is not a file descriptor number")
         return Address(spec, 0, fd, "fd")
     if spec.startswith("["):
         host, sep, port = spec[1:].partition("]:")
@@ -57,6 +60,7 @@ class Listener:
     name: str
     sock: socket.socket
     spec: str
+    owned: bool = False  # appd bound this unix path itself, so it may unlink it (not systemd's)
 
     @property
     def fd(self) -> int:
@@ -76,26 +80,36 @@ class Listener:
         return {"name": self.name, "address": self.address, "fd": self.fd}
 
 
-def _bind_unix(path: str, backlog: int, mode: int) -> socket.socket:
+def _remove_stale_unix(path: str) -> None:
+    """Unlink a socket file nobody listens on any more; refuse anything else."""
     try:
-        mode = os.lstat(path).st_mode
+        existing = os.lstat(path).st_mode
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens there any more
-        else:
-            raise OSError(f"{path} is in use by another live process")
-        finally:
-            probe.close()
+        return
+    if not stat.S_ISSOCK(existing):
+        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # stale: its owner is gone
+        os.unlink(path)
+        return
+    except OSError as exc:  # EACCES, a timeout (a live owner too busy to accept)...: never delete it
+        raise OSError(f"{path} may be in use ({exc.strerror or exc}); refusing to replace it") from None
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another live process")
+
+
+def _bind_unix(path: str, backlog: int, mode: int) -> socket.socket:
+    _remove_stale_unix(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, mode)
+    old_umask = os.umask(0o777 & ~mode)  # the mode at creation: no chmod by path (symlink races)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
     sock.listen(backlog)
     return sock
 
@@ -145,10 +159,48 @@ def open_listeners(specs: list[str], backlog: int, inherited: dict[str, socket.s
         address = parse_address(spec)
         name = _name_for(address, index)
         sock = _take_inherited(inherited, address, name)
+        owned = sock is None and address.kind == "unix"
         if sock is None:
             sock = bind(address, backlog, unix_mode)
-        result.append(Listener(name, sock, spec))
+        result.append(Listener(name, sock, spec, owned))
     return result
+
+
+def initial_listeners(specs: list[str], explicit: bool, backlog: int, inherited: dict[str, socket.socket],
+                      unix_mode: int = 0o666) -> list[Listener]:
+    """The daemon's first listeners. Socket activation without an explicit bind: the
+    activated sockets are the listeners (as gunicorn does). With an explicit bind,
+    every activated socket must match a bind entry, or it would hang unserved."""
+    if inherited and not explicit:
+        return [Listener(name, sock, f"fd://{sock.fileno()}") for name, sock in inherited.items()]
+    left = dict(inherited)
+    result = open_listeners(specs, backlog, left, unix_mode=unix_mode)
+    if left:
+        unmatched = ", ".join(f"{name} ({_describe(sock)})" for name, sock in left.items())
+        for listener in result:
+            if listener.owned:
+                unlink_owned(listener)
+            listener.sock.close()
+        raise OSError(f"socket-activated socket(s) {unmatched} match no bind address "
+                      f"({', '.join(specs)}); add them to bind, or leave bind unset to serve them")
+    return result
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        return Listener("", sock, "").address
+    except OSError as exc:
+        return f"unknown address: {exc.strerror or exc}"
+
+
+def unlink_owned(listener: Listener) -> None:
+    """Remove the socket file of a unix listener appd bound itself (never systemd's)."""
+    if listener.owned and listener.address.startswith("unix:"):
+        try:
+            os.unlink(listener.address[5:])
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
 
 def _take_inherited(inherited: dict[str, socket.socket], address: Address, name: str):
@@ -211,6 +263,7 @@ def from_generation_env(environ=os.environ) -> list[Listener]:
     for index, fd in enumerate(fds):
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
+        os.set_inheritable(fd, False)  # the master's workers fork; nothing it execs gets these
         name = names[index] if index < len(names) else f"fd{fd}"
         result.append(Listener(name, sock, f"fd://{fd}"))
     return result

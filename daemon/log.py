@@ -73,9 +73,16 @@ def configure(log_format: str = "console", level: str = "info", error_log: str =
 
 
 
-def reopen() -> None:
+def reopen() -> list[str]:
+    """Reopen every log file; returns what could not be reopened (those keep writing
+    to their old descriptor: a removed log directory must not kill the process)."""
+    errors = []
     for destination in _files:
-        destination.reopen()
+        try:
+            destination.reopen()
+        except OSError as exc:
+            errors.append(f"cannot reopen {destination.path}: {exc.strerror or exc}")
+    return errors
 
 
 def get(**context):

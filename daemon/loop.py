@@ -27,6 +27,9 @@ class Loop:
             sock.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
         self.running = True
+        # Called as on_error(exc, what) when a callback raises; None lets it propagate.
+        # The daemon sets it: no exception in a signal, timer or I/O callback may kill it.
+        self.on_error: Callable[[BaseException, str], None] | None = None
 
     # --- signals: the handler records, the loop acts ---
 
@@ -82,14 +85,23 @@ class Loop:
         if self.signals:
             wait = 0.0
         for key, mask in self.selector.select(wait):
-            key.data(mask)
+            self._call(key.data, mask)
         while self.signals:
-            self._signal_handler(self.signals.pop(0))
+            self._call(self._signal_handler, self.signals.pop(0))
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, callback = heapq.heappop(self.timers)
             if callback is not None:
-                callback()
+                self._call(callback)
+
+    def _call(self, callback, *args) -> None:
+        if self.on_error is None:
+            callback(*args)
+            return
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.on_error(exc, getattr(callback, "__qualname__", repr(callback)))
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)

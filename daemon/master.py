@@ -393,6 +393,7 @@ def main() -> int:
     generation = int(os.environ["APPD_GENERATION"])
     daemon_pid = int(os.environ["APPD_DAEMON_PID"])
     channel_sock = socket.socket(fileno=int(os.environ["APPD_CHANNEL_FD"]))
+    os.set_inheritable(channel_sock.fileno(), False)  # ours alone: no exec'd worker may hold it
     first, pending = read_config_message(channel_sock)
     cfg, target = first["settings"], first["target"]
     log.configure(cfg["log_format"], cfg["log_level"], cfg["error_log"], generation=generation)

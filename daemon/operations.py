@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import msgpack
 from appdctl import protocol
 
 from . import proc, reexec
@@ -119,6 +120,13 @@ class Upgrade(Operation):
             self.reason = f"generation {self.new.id} exited before it was ready ({generation.exit_status})"
             self.output = generation.last_lines()
             self.log.error("rolling_back", reason=self.reason)
+        elif generation is self.new and self.phase == "draining":
+            # Died after cutover while the old one drains: nothing serves. End now, so
+            # crash recovery starts a generation at once instead of after the drain.
+            self.fail(protocol.FAILED, f"generation {self.new.id} exited after cutover "
+                      f"({generation.exit_status}); crash recovery starts a new one",
+                      generation=self.new.id, output=generation.last_lines())
+            return
         self.maybe_done()
 
     def tick(self, now: float) -> None:
@@ -175,7 +183,7 @@ class Reload(Operation):
         self.new_cfg = new_cfg
         self.changed = changed
         serving = daemon.serving
-        if new_cfg.bind != daemon.cfg.bind or new_cfg.backlog != daemon.cfg.backlog or serving is None:
+        if daemon.bind_specs(new_cfg) != daemon.bind_specs(daemon.cfg) or new_cfg.backlog != daemon.cfg.backlog or serving is None:
             self._reload_by_upgrade()
             return
         self.previous_cfg = daemon.cfg
@@ -373,7 +381,8 @@ class ReexecDaemon(Operation):
 
     def start(self) -> None:
         try:
-            self.probe_pid, self.probe_out = reexec.start_probe()
+            state = msgpack.packb(reexec.snapshot(self.daemon), use_bin_type=True)
+            self.probe_pid, self.probe_out = reexec.start_probe(state)
         except OSError as exc:
             self.fail(protocol.FAILED, f"daemon re-exec refused, the old daemon keeps running: {exc}")
             return

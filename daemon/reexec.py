@@ -23,21 +23,65 @@ from . import __version__
 
 STATE_VERSION = 1
 STATE_FD_ENV = "APPD_DAEMON_STATE_FD"
-_PROBE = ("import sys, appd.daemon, appd.reexec as r; "
-          "sys.exit(0 if int(sys.argv[1]) in r.READABLE_VERSIONS else 3)")
+_PROBE = "import sys, appd.reexec as r; sys.exit(r.probe(sys.argv[1:]))"
 READABLE_VERSIONS = (1,)
+_STATE_KEYS = ("version", "flags", "config", "environ", "target", "listeners", "control", "clients",
+               "generations")
 
 
-def start_probe() -> tuple[int, int]:
-    """Start a child that imports the new daemon code; returns (pid, fd of its output).
-    Exit 0: fine; 3: cannot read our state version; anything else: broken code."""
-    out_r, out_w = os.pipe()
+def probe(argv: list[str]) -> int:
+    """In a child of the old daemon, with the new code: dry-run what the new image
+    will do, parse the daemon's arguments and read the handed-over state (on
+    stdin) as far as restore() needs, without touching a descriptor.
+    Exit 0: fine; 2: the arguments do not parse; 3: the state is not readable."""
+    from . import cli, daemon  # noqa: F401  (the import itself is part of the test)
     try:
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", _PROBE, str(STATE_VERSION)],
-                             dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1),
+        args = cli.build_parser().parse_args(argv)
+    except SystemExit:
+        return 2
+    if args.subcommand != "start":
+        print(f"appd: the daemon was started as `appd {args.subcommand}`", file=sys.stderr)
+        return 2
+    try:
+        state = msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False)
+        check_state(state)
+        config_of(state)
+    except Exception as exc:
+        print(f"appd: cannot restore the daemon state: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def check_state(state) -> None:
+    if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(f"daemon state version {version} is not readable by this code")
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"daemon state lacks {', '.join(missing)}")
+
+
+def config_of(state: dict):
+    """(Config, flags) the previous image ran with."""
+    from .config import Config
+    return Config(dict(state["config"]["values"]), dict(state["config"]["sources"])), state["flags"]
+
+
+def start_probe(state: bytes) -> tuple[int, int]:
+    """Start a child that runs probe() with the new code and `state` on its stdin;
+    returns (pid, fd of its output)."""
+    out_r, out_w = os.pipe()
+    in_fd = os.memfd_create("appd-probe-state", 0)
+    os.write(in_fd, state)
+    os.lseek(in_fd, 0, os.SEEK_SET)
+    try:
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", _PROBE, *sys.argv[1:]],
+                             dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, in_fd, 0),
+                                                             (os.POSIX_SPAWN_DUP2, out_w, 1),
                                                              (os.POSIX_SPAWN_DUP2, out_w, 2)])
     finally:
         os.close(out_w)
+        os.close(in_fd)
     os.set_blocking(out_r, False)
     return pid, out_r
 
@@ -57,7 +101,8 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
         "operation_age": time.monotonic() - daemon.operation.started if daemon.operation else 0.0,
         "crashes": daemon.crashes,
         "state": daemon.state,
-        "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec} for l in daemon.listeners],
+        "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec, "owned": l.owned} for l in daemon.listeners],
+        "generation_env": daemon.generation_env,
         "control": {"fd": daemon.control.sock.fileno(), "path": daemon.control.path},
         "clients": [{"fd": c.channel.sock.fileno(), "buffer": bytes(c.channel.decoder.buffer),
                      "reply_to": request_id if c is client else None}
@@ -67,7 +112,7 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
             "age": time.monotonic() - g.started_mono,
             "ready_age": None if g.ready_at is None else time.monotonic() - g.ready_at,
             "channel_fd": g.channel.sock.fileno() if g.channel and not g.channel.closed else -1,
-            "output_fd": g.output_fd, "snapshot": g.snapshot, "tail": list(g.tail),
+            "output_fd": g.output_fd, "snapshot": g.snapshot, "tail": list(g.tail), "env": g.extra_env,
         } for g in daemon.generations if g.alive],
     }
 
@@ -115,8 +160,7 @@ def read_state(environ=os.environ) -> dict | None:
     os.environ.pop(STATE_FD_ENV, None)
     with os.fdopen(int(fd), "rb") as f:
         state = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-    if state.get("version") not in READABLE_VERSIONS:
-        raise RuntimeError(f"daemon state version {state.get('version')} is not readable by this code")
+    check_state(state)
     for fd in fds_of(state):
         os.set_inheritable(fd, False)
     for listener in state["listeners"]:
@@ -137,7 +181,9 @@ def restore(daemon, state: dict) -> None:
                              "duration_s": round(state["operation_age"], 3)}
     daemon.crashes = state["crashes"]
     daemon.state = state["state"]
-    daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"]) for l in state["listeners"]]
+    daemon.generation_env = state.get("generation_env", {})
+    daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"], l.get("owned", l["spec"].startswith("unix:")))
+                        for l in state["listeners"]]
     daemon.control = ControlServer(daemon, daemon.cfg, adopt_fd=state["control"]["fd"])
     now = time.monotonic()
     for g in state["generations"]:
@@ -146,6 +192,7 @@ def restore(daemon, state: dict) -> None:
         generation.started_mono = now - g["age"]
         generation.ready_at = None if g["ready_age"] is None else now - g["ready_age"]
         generation.snapshot = g["snapshot"]
+        generation.extra_env = g.get("env", {})
         generation.tail.extend(g["tail"])
         generation.adopt(daemon.loop, g["channel_fd"], g["output_fd"], daemon.on_generation_message)
         daemon.generations.append(generation)

@@ -13,5 +13,9 @@ def unit(cmd: str):
 
 
 def dispatch(daemon, cmd: str, args: dict, responder) -> None:
-    assert cmd in COMMANDS
-    unit(cmd).run(daemon, args, responder)
+    """Run one command behind the daemon's exception boundary: whatever a unit
+    raises is logged and answered `internal`, and the daemon goes on serving."""
+    try:
+        unit(cmd).run(daemon, args, responder)
+    except Exception as exc:
+        daemon.internal_error(exc, f"command {cmd}", responder)

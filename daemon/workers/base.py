@@ -11,6 +11,7 @@ Signals (sent by the master):
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import os
 import random
@@ -24,6 +25,12 @@ import traceback
 from .. import app as app_loading
 from .. import log, proc
 from .notify import Reporter
+
+# accept() failing for want of descriptors or buffers: the process is fine, the moment
+# is not. Pause accepting (connections wait in the backlog) instead of dying.
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_PAUSE_MIN, _ACCEPT_PAUSE_MAX = 0.05, 1.0
+_FD_RESERVE = 32  # descriptors kept for the app, log files and the worker's own sockets
 
 
 class Worker:
@@ -53,6 +60,9 @@ class Worker:
         self.requests = 0
         self.last_heartbeat = 0.0
         self.log = None
+        self.accept_pause = 0.0
+        self.accept_paused_until = 0.0
+        self.accept_failures = 0
         limit = cfg["max_requests"]
         self.max_requests = limit + random.randint(0, cfg["max_requests_jitter"]) if limit else 0
 
@@ -153,6 +163,44 @@ class Worker:
         if self.max_requests and self.requests >= self.max_requests:
             self.log.info("max_requests_reached", requests=self.requests)
             self.alive = False
+
+    def accept_failed(self, exc: OSError) -> float | None:
+        """An accept() error: for EMFILE/ENFILE/ENOBUFS/ENOMEM, log it and return how
+        long to pause accepting (doubling up to a second while it lasts); None for
+        an error that is not about resources (the caller's to handle)."""
+        if exc.errno not in RESOURCE_ERRORS:
+            return None
+        now = time.monotonic()
+        recent = now - self.accept_paused_until < 5.0
+        self.accept_pause = min(_ACCEPT_PAUSE_MAX, self.accept_pause * 2) if recent else _ACCEPT_PAUSE_MIN
+        self.accept_paused_until = now + self.accept_pause
+        self.accept_failures += 1
+        if not recent or self.accept_failures % 20 == 1:
+            self.log.warning("accept_failed", error=os.strerror(exc.errno), pause_s=self.accept_pause,
+                             failures=self.accept_failures, detail="pausing accept; connections wait "
+                             "in the backlog")
+        return self.accept_pause
+
+    def may_accept(self) -> bool:
+        return time.monotonic() >= self.accept_paused_until
+
+    def connection_limit(self, wanted: int) -> int:
+        """`wanted` connections, capped by what RLIMIT_NOFILE leaves (one fd each)."""
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return wanted
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 16
+        room = max(1, soft - in_use - _FD_RESERVE)
+        if wanted > room:
+            self.log.warning("worker_connections_capped", worker_connections=wanted, capped_to=room,
+                             rlimit_nofile=soft, detail="raise the open files limit (ulimit -n, "
+                             "LimitNOFILE=) to hold more connections")
+            return room
+        return wanted
 
     def master_alive(self) -> bool:
         return os.getppid() == self.master_pid

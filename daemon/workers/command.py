@@ -19,6 +19,9 @@ import sys
 
 from .. import proc
 
+_APPD_PRIVATE = {"APPD_FDS", "APPD_FD_NAMES", "APPD_CHANNEL_FD", "APPD_DAEMON_PID", "APPD_GENERATION",
+                 "APPD_HANDOFF_FD"}
+
 
 class CommandWorker:
     GRACEFUL_SIGNAL = signal.SIGTERM
@@ -47,9 +50,13 @@ class CommandWorker:
         proc.die_with_parent(signal.SIGTERM)
         argv = self.cfg["command"]
         fds = [fcntl.fcntl(l.fd, fcntl.F_DUPFD_CLOEXEC, 100) for l in self.listeners]
+        for listener in self.listeners:  # the program gets each listener once, at 3.., not twice
+            os.set_inheritable(listener.fd, False)
         for index, fd in enumerate(fds):
             os.dup2(fd, 3 + index, inheritable=True)
-        env = dict(os.environ)
+        # Exactly what the socket-activation protocol names: none of appd's own variables,
+        # which describe fds the program does not have (APPD_FDS, APPD_CHANNEL_FD...).
+        env = {k: v for k, v in os.environ.items() if k not in _APPD_PRIVATE}
         env.update({
             "LISTEN_FDS": str(len(fds)), "LISTEN_PID": str(os.getpid()),
             "LISTEN_FDNAMES": ":".join(l.name for l in self.listeners),

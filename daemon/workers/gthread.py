@@ -35,7 +35,7 @@ class ThreadWorker(Worker):
         self.busy = 0                                         # connections handed to threads
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
         self.parked: dict = {}                                # socket -> (connection, idle deadline)
-        self.max_connections = cfg["worker_connections"]
+        self.max_connections = self.connection_limit(cfg["worker_connections"])
         self.count_lock = threading.Lock()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
@@ -59,7 +59,7 @@ class ThreadWorker(Worker):
                 self.take_returned()
                 self.dispatch()
                 self.expire_idle()
-                self.set_accepting(self.connections() < self.max_connections)
+                self.set_accepting(self.connections() < self.max_connections and self.may_accept())
             self.stop_serving()
         finally:
             self.selector.close()
@@ -74,7 +74,7 @@ class ThreadWorker(Worker):
             try:
                 conn, addr = sock.accept()
             except OSError as exc:
-                if exc.errno in _ACCEPT_ERRORS:
+                if exc.errno in _ACCEPT_ERRORS or self.accept_failed(exc) is not None:
                     return
                 raise
             conn.setblocking(True)

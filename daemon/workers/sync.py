@@ -61,7 +61,11 @@ class SyncWorker(Worker):
         except OSError as exc:
             if exc.errno in _ACCEPT_ERRORS:
                 return 0
-            raise
+            pause = self.accept_failed(exc)
+            if pause is None:
+                raise
+            time.sleep(pause)  # one connection at a time: nothing else to do meanwhile
+            return 0
         conn.setblocking(True)
         try:
             handle_connection(conn, addr, app, info, access_log)
