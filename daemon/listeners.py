@@ -149,7 +149,7 @@ def open_listeners(specs: list[str], backlog: int, inherited: dict[str, socket.s
     An inherited socket (systemd socket activation) is matched by its name when the
     name equals the bind spec's name, else by the address it is bound to.
     """
-    inherited = dict(inherited or {})
+    inherited = inherited if inherited is not None else {}  # consumed: what is left matched nothing
     by_spec = {listener.spec: listener for listener in (current or [])}
     result = []
     for index, spec in enumerate(specs):
