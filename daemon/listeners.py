@@ -241,6 +241,8 @@ def from_systemd(environ=os.environ) -> dict[str, socket.socket]:
         sock.setblocking(False)
         os.set_inheritable(fd, True)
         name = names[index] if index < len(names) and names[index] else f"fd{fd}"
+        if name in sockets:  # systemd repeats a FileDescriptorName= given once for several sockets
+            name = f"{name}{index}"
         sockets[name] = sock
     for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)
