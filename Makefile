@@ -57,8 +57,10 @@ bench: bench-deps
 profile: bench-deps
 	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
-# Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints
-# its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the soak.
+# Faults under load, 100 upgrades, control-socket abuse, hypothesis fault injection
+# (about 5 minutes); prints its figures. APPD_CHAOS_SEED=N replays a run,
+# APPD_CHAOS_SECONDS=N sets the soak, APPD_FUZZ_EXAMPLES=N the fuzzed configs and
+# commands (400 each by default; `make test` runs 40).
 chaos: $(STAMP)
 	$(PY) -m pytest -q -s tests/chaos
 
