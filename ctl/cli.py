@@ -33,6 +33,19 @@ def _scale_spec(text: str) -> dict:
     return {"delta": number} if text[:1] in "+-" else {"count": number}
 
 
+def _seconds(text: str) -> float:
+    """A duration: finite and not negative (a negative drain timeout would SIGKILL at once)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return number
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -66,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale = command("scale", "change the target worker count: +N, -N or N")
     scale.add_argument("spec", type=_scale_spec, metavar="+N|-N|N")
     drain = command("drain", "graceful stop with progress", parents=(anywhere_but_timeout,))
-    drain.add_argument("--timeout", dest="drain_timeout", type=float, metavar="S",
+    drain.add_argument("--timeout", dest="drain_timeout", type=_seconds, metavar="S",
                        help="time allowed for in-flight requests (default: graceful_timeout)")
     command("stop", "quick stop")
     command("reopen-logs", "reopen log files (logrotate)")
@@ -84,7 +97,7 @@ def _add_client_options(parser: argparse.ArgumentParser, after_command: bool = F
     parser.add_argument("--json", action="store_true", **unset,
                         help="print the result as JSON (events as JSON lines)")
     if timeout:
-        parser.add_argument("--timeout", type=float, **unset, help="seconds to wait for the final reply")
+        parser.add_argument("--timeout", type=_seconds, **unset, help="seconds to wait for the final reply")
 
 
 def request_for(args: argparse.Namespace) -> tuple[str, dict]:

@@ -250,6 +250,27 @@ def test_socket_activation_without_bind_serves_the_activated_sockets(tmp_path):
 
 
 @needs_activate
+def test_activated_unix_socket_matched_by_bind_is_not_unlinked(tmp_path):
+    path = tmp_path / "web.sock"
+    proc = _activated(tmp_path, [str(path)], "--bind", f"unix:{path}")
+    seen = {proc.pid}
+    try:
+        wait_until(lambda: path.exists(), 10, message="systemd-socket-activate to listen")
+        assert http_get(f"unix:{path}", "/", timeout=20)[0] == 200
+        from appdctl import Client
+        with Client(str(tmp_path / "ctl.sock")) as client:
+            status = client.call("status")
+            assert [l["fd"] for l in status["listeners"]] == [3]
+            seen.update(w["pid"] for g in status["generations"] for w in g["workers"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0]
+        assert_no_leftovers(seen)
+    assert proc.returncode == 0, out
+    assert path.exists(), "systemd's unix socket is not appd's to unlink"
+
+
+@needs_activate
 def test_explicit_bind_with_an_unmatched_activated_socket_is_refused(tmp_path):
     port, other = _free_port(), _free_port()
     proc = _activated(tmp_path, [f"127.0.0.1:{port}"], "--bind", f"127.0.0.1:{other}")
