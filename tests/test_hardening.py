@@ -210,7 +210,8 @@ def test_stale_unix_listener_is_replaced_with_unix_socket_mode(start_appd, tmp_p
 
 def _activated(tmp_path, listen: list[str], *args: str) -> subprocess.Popen:
     ctl = str(tmp_path / "ctl.sock")
-    cmd = ["systemd-socket-activate", *(f"-l{address}" for address in listen), "--fdname=web",
+    passed = ["-E", "PYTHONPATH"] if "PYTHONPATH" in os.environ else []  # it passes no environment by default
+    cmd = ["systemd-socket-activate", *passed, *(f"-l{address}" for address in listen), "--fdname=web",
            APPD, "start", "-w", "1", "--control-socket", ctl, *args]
     return subprocess.Popen(cmd, cwd=APPS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
