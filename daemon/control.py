@@ -183,6 +183,12 @@ class ControlClient:
             self.send(protocol.error_reply(request_id if isinstance(request_id, int) else None,
                                            exc.code, exc.message))
             return
+        except Exception as exc:  # the exception boundary: this client gets its answer too
+            from .daemon import internal_message
+            self.server.daemon.internal_error(exc, "request validation")
+            self.send(protocol.error_reply(request_id if isinstance(request_id, int) else None,
+                                           protocol.INTERNAL, internal_message(exc)))
+            return
         self.running.add(request_id)
         dispatch(self.server.daemon, cmd, args, ClientResponder(self, request_id))
 

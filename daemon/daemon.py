@@ -15,7 +15,7 @@ import time
 
 from appdctl import protocol
 
-from . import __version__, config, listeners as listeners_mod, log, proc, reexec, systemd
+from . import __version__, config, listeners as listeners_mod, log, pidfile, proc, reexec, systemd
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
@@ -81,7 +81,7 @@ class Daemon:
             self.control = ControlServer(self, self.cfg)
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
-        self.write_pidfile()
+        self.write_pidfile(reexecuted=state is not None)
         self.loop.catch([signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
                          signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD], self.on_signal)
         self.log.info("daemon_reexecuted" if state else "daemon_started", version=__version__,
@@ -97,10 +97,10 @@ class Daemon:
             self.watchdog(watchdog)
         while self.exit_code is None:
             self.loop.run_once(0.25)
-            self.loop._call(self.reap)
+            self.loop.guarded(self.reap)
             if self.operation is not None:
                 self.drive(self.operation, "tick", time.monotonic())
-            self.loop._call(self.control.tick)
+            self.loop.guarded(self.control.tick)
         self.shutdown()
         return self.exit_code
 
@@ -481,24 +481,16 @@ class Daemon:
 
     # --- pidfile ---
 
-    def write_pidfile(self) -> None:
-        path = self.cfg.pidfile
-        if not path:
+    def write_pidfile(self, reexecuted: bool = False) -> None:
+        if not self.cfg.pidfile:
             return
-        tmp = f"{path}.{self.pid}.tmp"
-        try:  # O_EXCL|O_NOFOLLOW: a planted symlink or file at the temp name is refused, never followed
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{self.pid}\n")
-        os.replace(tmp, path)
+        try:
+            pidfile.write(self.cfg.pidfile, self.pid)
+        except OSError as exc:
+            if not reexecuted:
+                raise  # a fresh start refuses; a re-exec'd daemon already serves and must go on
+            self.log.error("pidfile_not_written", pidfile=self.cfg.pidfile, error=str(exc))
 
     def remove_pidfile(self) -> None:
-        path = self.cfg.pidfile
-        try:
-            if path and open(path).read().strip() == str(self.pid):
-                os.unlink(path)
-        except OSError:
-            pass
+        if self.cfg.pidfile:
+            pidfile.remove(self.cfg.pidfile, self.pid)

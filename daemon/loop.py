@@ -85,16 +85,17 @@ class Loop:
         if self.signals:
             wait = 0.0
         for key, mask in self.selector.select(wait):
-            self._call(key.data, mask)
+            self.guarded(key.data, mask)
         while self.signals:
-            self._call(self._signal_handler, self.signals.pop(0))
+            self.guarded(self._signal_handler, self.signals.pop(0))
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             _, _, callback = heapq.heappop(self.timers)
             if callback is not None:
-                self._call(callback)
+                self.guarded(callback)
 
-    def _call(self, callback, *args) -> None:
+    def guarded(self, callback, *args) -> None:
+        """Call `callback(*args)` behind on_error, the exception boundary."""
         if self.on_error is None:
             callback(*args)
             return
