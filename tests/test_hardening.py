@@ -206,6 +206,31 @@ def test_stale_unix_listener_is_replaced_with_unix_socket_mode(start_appd, tmp_p
     assert not path.exists(), "a path appd bound itself is removed at exit"
 
 
+def test_busy_live_unix_listener_is_neither_replaced_nor_waited_for(tmp_path):
+    path = tmp_path / "app.sock"
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(0)
+    queued = []
+    try:
+        while True:  # fill its backlog: a further connect() would block
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            queued.append(client)
+            client.connect(str(path))
+    except BlockingIOError:
+        pass
+    try:
+        result = appd_refusing(["--bind", f"unix:{path}", "--control-socket", str(tmp_path / "ctl.sock")])
+        assert result.returncode == 1, result.stdout
+        assert "may be in use" in result.stdout and str(path) in result.stdout, result.stdout
+        assert stat.S_ISSOCK(os.lstat(path).st_mode), "a live owner's socket is never unlinked"
+    finally:
+        for client in queued:
+            client.close()
+        live.close()
+
+
 # --- socket activation ---
 
 def _activated(tmp_path, listen: list[str], *args: str) -> subprocess.Popen:
