@@ -185,6 +185,15 @@ class Appd:
         self.log_file.close()
 
 
+def copy_of_appd(tmp_path: Path) -> Path:
+    """A private copy of the appd packages, to put first on PYTHONPATH, so a test can change 'new code'."""
+    import shutil
+    pkg = tmp_path / "pkg"
+    shutil.copytree(ROOT / "daemon", pkg / "appd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "ctl", pkg / "appdctl", ignore=shutil.ignore_patterns("__pycache__"))
+    return pkg
+
+
 def leftover(pids) -> list[psutil.Process]:
     """Processes from `pids` still alive (zombies count: nobody reaped them)."""
     alive = []

@@ -368,7 +368,7 @@ def test_changing_commands_are_busy_while_an_upgrade_runs_but_status_answers(sta
         for command in (["upgrade"], ["scale", "+1"], ["reload"], ["retire", "1"], ["drain"]):
             result = appd.ctl(*command)
             assert result.returncode == 4, (command, result.stdout, result.stderr)
-            assert "busy" in result.stderr and "upgrade is running" in result.stderr
+            assert "busy: upgrade is running" in result.stderr and "busy: busy" not in result.stderr
         with Client(appd.socket, timeout=5) as client:
             for command in ("status", "ping", "status", "ping"):
                 began = time.monotonic()

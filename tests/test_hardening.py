@@ -16,12 +16,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import APPD, APPDCTL, APPS, ROOT, assert_no_leftovers, http_get, wait_until
+from conftest import APPD, APPDCTL, APPS, assert_no_leftovers, copy_of_appd, http_get, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 NOBODY = 65534
@@ -423,9 +422,7 @@ def test_daemon_reexec_with_an_invalid_config_on_disk_keeps_serving(start_appd, 
 
 
 def test_daemon_reexec_refused_when_the_new_code_cannot_parse_its_arguments(start_appd, tmp_path):
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "daemon", pkg / "appd", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "ctl", pkg / "appdctl", ignore=shutil.ignore_patterns("__pycache__"))
+    pkg = copy_of_appd(tmp_path)
     appd = start_appd("--ready-delay", "1", "-w", "1", env={"PYTHONPATH": str(pkg)})
     with open(pkg / "appd" / "config.py", "a") as f:  # the new code dropped a flag we were started with
         f.write("\nSETTINGS = [s for s in SETTINGS if s.name != 'ready_delay']\n")

@@ -6,7 +6,6 @@ goes on; recovery starts a generation whenever none serves."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -16,7 +15,7 @@ import msgpack
 import pytest
 
 from appdctl import Client, CommandError, protocol
-from conftest import APPS, ROOT, Background, running_appd, wait_until
+from conftest import Background, copy_of_appd, running_appd, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,17 +161,7 @@ def test_reopen_logs_after_the_log_directory_was_removed(shared):
     assert shared.ctl("reopen-logs").returncode == 0
 
 
-def test_refused_upgrade_says_busy_once(start_appd):
-    appd = start_appd("slow_import:app", "-w", "1", env={"APP_IMPORT_SECONDS": "0"})
-    upgrade = Background_ctl(appd, "upgrade", "--env", "APP_IMPORT_SECONDS=3")
-    wait_until(lambda: appd.status()["operation"] == "upgrade", 10, message="the upgrade to run")
-    result = appd.ctl("upgrade")
-    assert result.returncode == 4
-    assert "busy: busy" not in result.stderr and "busy: upgrade is running" in result.stderr, result.stderr
-    assert upgrade.join().returncode == 0
-
-
-class Background_ctl:
+class BackgroundCtl:
     """appdctl in a thread."""
 
     def __init__(self, appd, *args):
@@ -188,15 +177,8 @@ class Background_ctl:
 
 # --- the exception boundary itself: code that raises, in a real daemon ---
 
-def _copy_of_appd(tmp_path):
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "daemon", pkg / "appd", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "ctl", pkg / "appdctl", ignore=shutil.ignore_patterns("__pycache__"))
-    return pkg
-
-
 def test_exceptions_in_commands_operations_and_signals_are_answered_internal(start_appd, tmp_path):
-    pkg = _copy_of_appd(tmp_path)
+    pkg = copy_of_appd(tmp_path)
     with open(pkg / "appd" / "commands" / "ping.py", "a") as f:
         f.write("\ndef run(daemon, args, responder):\n    raise RuntimeError('boom ' + 'x' * 5000)\n")
     with open(pkg / "appd" / "operations.py", "a") as f:
@@ -274,7 +256,7 @@ def test_stop_takes_over_from_a_running_drain(start_appd, tmp_path):
                       env={"RELIABILITY_STATE": str(tmp_path)})
     Background(appd.address, "/slow?s=50", timeout=60)
     wait_until(lambda: list(tmp_path.glob("busy-*")), 10, message="the slow request in flight")
-    drain = Background_ctl(appd, "drain")
+    drain = BackgroundCtl(appd, "drain")
     wait_until(lambda: appd.status()["operation"] == "drain", 10, message="the drain to run")
     started = time.monotonic()
     result = appd.ctl("stop")
