@@ -185,6 +185,10 @@ class Daemon:
             generation.kill(signal.SIGKILL)
 
     def on_generation_message(self, generation: Generation, message) -> None:
+        # Guarded one by one: an exception must not drop the messages after it in the same read.
+        self.loop.guarded(self.handle_generation_message, generation, message)
+
+    def handle_generation_message(self, generation: Generation, message) -> None:
         if not isinstance(message, dict):
             return
         if message.get("t") == "workers":

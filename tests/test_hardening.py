@@ -360,8 +360,9 @@ def _lowest_free_fd(pid: int) -> int:
     return next(n for n in range(len(used) + 1) if n not in used)
 
 
-def test_sync_worker_out_of_descriptors_pauses_accepting_and_recovers(start_appd):
-    appd = start_appd("-w", "1", "--worker-class", "sync")
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_worker_out_of_descriptors_pauses_accepting_and_recovers(start_appd, worker_class):
+    appd = start_appd("-w", "1", "--worker-class", worker_class)
     worker = appd.serving_generation()["workers"][0]["pid"]
     import resource
     original = resource.prlimit(worker, resource.RLIMIT_NOFILE)

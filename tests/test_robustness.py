@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import struct
+import textwrap
 import time
 
 import msgpack
@@ -177,15 +178,30 @@ class BackgroundCtl:
 
 # --- the exception boundary itself: code that raises, in a real daemon ---
 
-def test_exceptions_in_commands_operations_and_signals_are_answered_internal(start_appd, tmp_path):
+def test_exceptions_in_commands_operations_signals_timers_and_messages_leave_it_serving(start_appd, tmp_path):
     pkg = copy_of_appd(tmp_path)
     with open(pkg / "appd" / "commands" / "ping.py", "a") as f:
         f.write("\ndef run(daemon, args, responder):\n    raise RuntimeError('boom ' + 'x' * 5000)\n")
     with open(pkg / "appd" / "operations.py", "a") as f:
         f.write("\ndef _broken(self):\n    raise ZeroDivisionError('retire broke')\nRetire.start = _broken\n")
     with open(pkg / "appd" / "daemon.py", "a") as f:
-        f.write("\ndef _broken(self):\n    raise KeyError('reopen broke')\nDaemon.reopen_logs = _broken\n")
-    appd = start_appd("-w", "1", env={"PYTHONPATH": str(pkg)})
+        f.write(textwrap.dedent("""
+            def _broken(self):
+                raise KeyError('reopen broke')
+            Daemon.reopen_logs = _broken
+
+            def _broken_timer(self, group=None):
+                raise LookupError('timer broke')
+            Daemon.kill_stragglers = _broken_timer  # runs from a timer after a generation exits
+
+            _handle = Daemon.handle_generation_message
+            def _broken_message(self, generation, message):
+                _handle(self, generation, message)
+                if message.get("t") == "workers":
+                    raise ValueError('message broke')
+            Daemon.handle_generation_message = _broken_message
+            """))
+    appd = start_appd("-w", "1", "--graceful-timeout", "1", env={"PYTHONPATH": str(pkg)})
     with pytest.raises(CommandError) as raised:
         appd.call("ping")
     assert raised.value.code == "internal" and raised.value.message.startswith("RuntimeError: boom")
@@ -199,8 +215,10 @@ def test_exceptions_in_commands_operations_and_signals_are_answered_internal(sta
     os.kill(appd.pid, signal.SIGUSR1)  # a signal whose handling raises
     result = appd.ctl("reopen-logs")
     assert result.returncode == 1 and "internal" in result.stderr and "KeyError" in result.stderr
+    assert appd.call("upgrade")["outcome"] == "done", "channel messages that raise are each handled"
+    wait_until(lambda: "timer broke" in appd.log(), 10, message="the broken timer to fire")
     alive_and_serving(appd)
-    assert "internal_error" in appd.log() and "reopen broke" in appd.log()
+    assert "internal_error" in appd.log() and "reopen broke" in appd.log() and "message broke" in appd.log()
 
 
 # --- recovery that holds ---
