@@ -27,6 +27,9 @@ _PROBE = "import sys, appd.reexec as r; sys.exit(r.probe(sys.argv[1:]))"
 READABLE_VERSIONS = (1,)
 _STATE_KEYS = ("version", "flags", "config", "environ", "target", "listeners", "control", "clients",
                "generations")
+_ENTRY_KEYS = {"listeners": ("fd", "name", "spec"), "clients": ("fd", "buffer", "reply_to"),
+               "generations": ("id", "pid", "state", "started_at", "age", "ready_age", "channel_fd", "output_fd",
+                               "snapshot", "tail")}
 
 
 def probe(argv: list[str]) -> int:
@@ -59,6 +62,11 @@ def check_state(state) -> None:
     missing = [key for key in _STATE_KEYS if key not in state]
     if missing:
         raise ValueError(f"daemon state lacks {', '.join(missing)}")
+    for part, keys in _ENTRY_KEYS.items():  # what restore() reads of each entry
+        for entry in state[part]:
+            lacking = [key for key in keys if key not in entry]
+            if lacking:
+                raise ValueError(f"daemon state: a {part} entry lacks {', '.join(lacking)}")
 
 
 def config_of(state: dict):
