@@ -65,7 +65,11 @@ _keys = st.one_of(st.sampled_from(FUZZED_SETTINGS), st.from_regex(r"\A[a-z_]{1,1
 
 @st.composite
 def config_files(draw) -> bytes:
-    kind = draw(st.sampled_from(["settings", "bytes", "deep", "huge", "latin1", "table"]))
+    kind = draw(st.sampled_from(["settings", "plausible", "bytes", "deep", "huge", "latin1", "table"]))
+    if kind == "plausible":  # often valid: the reload really replaces workers
+        value = draw(st.one_of(st.integers(0, 40), st.floats(0, 5), st.booleans(),
+                               st.sampled_from(["debug", "info", "json", "console", "/", "0600", "sync"])))
+        return f"{draw(st.sampled_from(FUZZED_SETTINGS))} = {_toml_value(value)}\n".encode()
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "deep":
