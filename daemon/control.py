@@ -43,14 +43,14 @@ def check_private_dir(directory: str) -> None:
                                  "(chmod 700 it)")
 
 
-def prepare_path(path: str, default: bool = False) -> None:
-    """Create the parent directory 0700 if absent (and, for the default path, check
-    it is private); refuse a symlink or a non-socket at the path; fail if a live
+def prepare_path(path: str, private: bool = False) -> None:
+    """Create the parent directory 0700 if absent (and, when `private`, check that
+    nobody else can reach it); refuse a symlink or a non-socket at the path; fail if a live
     daemon answers there; replace a stale socket file."""
     parent = os.path.dirname(path) or "."
     if not os.path.lexists(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
-    if default:
+    if private:
         check_private_dir(parent)
     try:
         mode = os.lstat(path).st_mode
@@ -92,7 +92,11 @@ class ControlServer:
         self.loop.add_reader(self.sock, self.accept)
 
     def _bind(self, cfg) -> socket.socket:
-        prepare_path(self.path, default=cfg.sources.get("control_socket") == "default")
+        # Root's default /run/appd sits where only root writes; every other default
+        # (/tmp/appd-UID, $XDG_RUNTIME_DIR) must prove it is private.
+        private = cfg.sources.get("control_socket") == "default" and (
+            os.geteuid() != 0 or bool(os.environ.get("XDG_RUNTIME_DIR")))
+        prepare_path(self.path, private=private)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The mode comes from the umask at bind: no chmod by path, which would follow
         # a symlink planted between bind and chmod.
