@@ -269,7 +269,8 @@ def test_upgrade_env_is_kept_by_crash_recovery_and_reload_through_upgrade(start_
 
 # --- stop takes over from a drain ---
 
-def test_stop_takes_over_from_a_running_drain(start_appd, tmp_path):
+@pytest.mark.parametrize("how", ["appdctl", "SIGQUIT"])
+def test_stop_takes_over_from_a_running_drain(start_appd, tmp_path, how):
     appd = start_appd("reliability_app:app", "-w", "1", "--graceful-timeout", "60",
                       env={"RELIABILITY_STATE": str(tmp_path)})
     Background(appd.address, "/slow?s=50", timeout=60)
@@ -277,8 +278,11 @@ def test_stop_takes_over_from_a_running_drain(start_appd, tmp_path):
     drain = BackgroundCtl(appd, "drain")
     wait_until(lambda: appd.status()["operation"] == "drain", 10, message="the drain to run")
     started = time.monotonic()
-    result = appd.ctl("stop")
-    assert result.returncode == 0, result.stderr
+    if how == "SIGQUIT":
+        os.kill(appd.pid, signal.SIGQUIT)
+    else:
+        result = appd.ctl("stop")
+        assert result.returncode == 0, result.stderr
     appd.proc.wait(15)
     assert time.monotonic() - started < 15, "stop did not wait for the drain"
     assert appd.proc.returncode == 0
