@@ -15,7 +15,7 @@ import time
 
 from appdctl import protocol
 
-from . import __version__, config, listeners as listeners_mod, log, proc, reexec, systemd
+from . import __version__, config, handoff, listeners as listeners_mod, log, proc, reexec, systemd
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
@@ -42,6 +42,7 @@ class Daemon:
         self.loop = Loop()
         self.log = log.get(role="daemon")
         self.listeners: list = []
+        self.handoff: handoff.Channel | None = None  # held for the service's life, as the listeners
         self.generations: list[Generation] = []
         self.next_generation = 1
         self.operation = None
@@ -65,6 +66,7 @@ class Daemon:
             self.listeners = listeners_mod.open_listeners(self.cfg.bind, self.cfg.backlog, inherited,
                                                           unix_mode=self.cfg.unix_socket_mode)
             self.control = ControlServer(self, self.cfg)
+        self.handoff = self.handoff or handoff.Channel.create()
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
         self.write_pidfile()
@@ -120,6 +122,7 @@ class Daemon:
         self.control.close()
         for listener in self.listeners:
             self._close_listener(listener)
+        self.handoff.close()
         self.remove_pidfile()
         self.log.info("daemon_exit", code=self.exit_code)
 
@@ -131,7 +134,7 @@ class Daemon:
     def start_generation(self, extra_env: dict | None = None) -> Generation:
         generation = Generation(self.next_generation, self.pid)
         generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
-                         self.listeners, extra_env, self.on_generation_message)
+                         self.listeners, {**(extra_env or {}), **self.handoff.env()}, self.on_generation_message)
         self.next_generation += 1
         self.generations.append(generation)
         self.log.info("generation_started", generation=generation.id, master=generation.pid)
@@ -153,7 +156,10 @@ class Daemon:
         if not generation.alive:
             return
         generation.state = DRAINING
-        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout})
+        # Its idle keep-alive connections go to the serving generation if that one takes them.
+        hand_on = (not sweep and self.serving not in (None, generation)
+                   and handoff.takes_handoff(self.cfg.worker_class))
+        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout, "handoff": hand_on})
         grace = hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0
         self.loop.call_later(grace, lambda: self._overstayed(generation))
 
