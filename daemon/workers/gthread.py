@@ -61,7 +61,7 @@ class ThreadWorker(Worker):
         cfg = self.cfg
         self.threads = cfg["threads"]
         self.keepalive = cfg["keepalive"]
-        self.header_timeout = cfg["header_timeout"]
+        self.header_timeout = cfg["header_timeout"] or READ_TIMEOUT  # 0: only the read timeout
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
         self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
@@ -110,7 +110,7 @@ class ThreadWorker(Worker):
                     return
                 raise
             kept = Kept(conn, addr, info, name)
-            kept.head_until = time.monotonic() + (self.header_timeout or READ_TIMEOUT)
+            kept.head_until = time.monotonic() + self.header_timeout
             self.watch(kept)
 
     def take_handed(self) -> None:
@@ -202,7 +202,10 @@ class ThreadWorker(Worker):
             kept.close()
         finally:
             self.returned.put((kept, keep))
-            self.wake_w.send(b"\0")
+            try:
+                self.wake_w.send(b"\0")
+            except BlockingIOError:
+                pass  # the poller is already woken
 
     def take_returned(self) -> None:
         while True:
@@ -281,7 +284,10 @@ class ThreadWorker(Worker):
         """Hand one connection on; False if it cannot go (channel full, or what was
         read of its next request is not known)."""
         data = kept.unread()
-        if data is None or not self.handoff.send(kept.sock, data, kept.listener):
+        if data is None:
+            return False
+        if not self.handoff.send(kept.sock, data, kept.listener):
+            self.handing_off = False  # channel full: serve next requests here, with close
             return False
         kept.close()  # our copy only: the connection itself travels on
         return True

@@ -85,7 +85,7 @@ class Kept:
     def hold(self, now: float, keepalive: float, header_timeout: float) -> None:
         """Back in the poller between requests: start the deadline that applies."""
         if self.reader.in_head:
-            self.head_until = now + header_timeout if header_timeout else None
+            self.head_until = now + header_timeout
             self.idle_until = None
         else:
             self.tap.restart()
@@ -93,7 +93,7 @@ class Kept:
             self.head_until = None
 
     def head_started(self, now: float, header_timeout: float) -> None:
-        if self.head_until is None and header_timeout and self.reader.in_head:
+        if self.head_until is None and self.reader.in_head:
             self.head_until = now + header_timeout
             self.idle_until = None
 
