@@ -80,6 +80,22 @@ def test_upgrade_hands_idle_connections_to_the_new_code(start_appd, clients):
     assert all(kept_alive(r) and b"v2 gen 2" in r for r in answers), answers
 
 
+def test_the_channel_outlives_a_daemon_reexec(start_appd, clients):
+    """Generation 1 got the channel from the first daemon image, generation 2
+    from the re-exec'd one: the connection still goes from one to the other."""
+    appd = start_appd(*GTHREAD, "-w", "1", *IDLE)
+    conns = clients(appd.address, 2)
+    assert all(b"gen 1" in r for r in conns.ask_all())
+    code, result = appd.ctl_json("upgrade", "--daemon")
+    assert code == 0 and result["pid"] == appd.pid, result
+    started = time.monotonic()
+    code, result = appd.ctl_json("upgrade", "--env", "APP_VERSION=v2")
+    assert code == 0, result
+    assert time.monotonic() - started < QUICK_STOP
+    answers = conns.ask_all()
+    assert all(kept_alive(r) and b"v2 gen 2" in r for r in answers), answers
+
+
 def test_handoff_carries_a_partly_read_pipelined_request(start_appd, clients):
     appd = start_appd(*GTHREAD, "-w", "1", *IDLE, "--header-timeout", "60")
     conn = clients(appd.address, 1)
@@ -169,7 +185,7 @@ def test_slow_request_heads_hold_no_thread_and_get_408(start_appd, clients):
         assert sock.recv(4096).startswith(b"HTTP/1.1 408"), "a head not done in header_timeout"
 
 
-SOAK_SECONDS = 10.0
+SOAK_SECONDS = 8.0
 
 
 def test_keepalive_soak_through_upgrades_and_reloads_loses_nothing(start_appd):

@@ -13,7 +13,7 @@ import pytest
 
 from proxies import PROXIES, find, operate_through, running_proxy
 
-OPERATIONS = int(os.environ.get("APPD_PROXY_OPERATIONS", "5"))
+OPERATIONS = int(os.environ.get("APPD_PROXY_OPERATIONS", "3"))
 # appd keeps idle upstream connections longer than either proxy does, so the
 # proxy is the one to close them (the usual advice for any backend).
 APPD = ("keepalive_app:app", "--worker-class", "gthread", "-w", "2", "--threads", "4", "--keepalive", "75")
