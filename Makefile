@@ -43,8 +43,10 @@ test: $(STAMP) proxies
 	$(call apt_install,systemd-analyze,systemd,the systemd unit tests will skip)
 	$(PY) -m pytest -q
 
+# nginx-light is Debian 12's smallest nginx; later releases have only nginx.
 proxies:
-	$(call apt_install,nginx,nginx-light,the tests behind nginx will skip)
+	$(call apt_install,nginx,nginx-light,trying the nginx package)
+	$(call apt_install,nginx,nginx,the tests behind nginx will skip)
 	$(call apt_install,haproxy,haproxy,the tests behind HAProxy will skip)
 
 # appd beside gunicorn 27 (about 15 minutes on 2 cores). Installs wrk from
