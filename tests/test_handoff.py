@@ -11,6 +11,8 @@ import os
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appd import handoff
 from appd.workers.kept import partial_tail
@@ -113,3 +115,25 @@ PIPELINED = [
 @pytest.mark.parametrize("whole, partial", PIPELINED)
 def test_the_part_of_a_pipelined_request_already_read_is_found(whole, partial):
     assert partial_tail(whole + partial) == partial
+
+
+def _request(method: str, path: str, body: bytes, chunked: bool) -> bytes:
+    head = f"{method} /{path} HTTP/1.1\r\nHost: x\r\n"
+    if chunked:
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:3], body[3:]) if part)
+        return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks + b"0\r\n\r\n"
+    if method == "POST":
+        return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    return (head + "\r\n").encode()
+
+
+requests = st.builds(_request, st.sampled_from(["GET", "POST", "DELETE"]),
+                     st.text("abc/", max_size=10), st.binary(max_size=40), st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(requests, max_size=4), requests, st.data())
+def test_the_partly_read_request_is_found_after_any_whole_ones(whole, last, data):
+    cut = data.draw(st.integers(1, last.index(b"\r\n\r\n") + 3))  # somewhere in the last head
+    partial = last[:cut]
+    assert partial_tail(b"".join(whole) + partial) == partial
