@@ -72,6 +72,7 @@ class ThreadWorker(Worker):
         self.count_lock = threading.Lock()
         self.handoff = handoff.Channel.from_env()
         self.handing_off = False
+        self.handed_on = 0
         self.last_expiry = 0.0
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
@@ -249,11 +250,13 @@ class ThreadWorker(Worker):
                 self.pass_on_held()
             self.heartbeat()
             self.poll_once()
+        left = self.connections()
         for kept in list(self.held.values()):
             self.forget(kept)
             kept.close()
         while self.waiting:
             self.waiting.popleft().close()
+        self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=left)
 
     def _graceful(self, signum, frame) -> None:
         # Decided before `alive` flips, so no response in between says `Connection: close`.
@@ -290,6 +293,7 @@ class ThreadWorker(Worker):
             self.handing_off = False  # channel full: serve next requests here, with close
             return False
         kept.close()  # our copy only: the connection itself travels on
+        self.handed_on += 1
         return True
 
     def sweep_backlog(self) -> None:
