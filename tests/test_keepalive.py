@@ -79,8 +79,9 @@ def test_upgrade_hands_idle_connections_to_the_new_code(start_appd, clients):
     assert time.monotonic() - started < QUICK_STOP, "the old generation waited for its idle connections"
     answers = conns.ask_all()
     assert all(kept_alive(r) and b"v2 gen 2" in r for r in answers), answers
+    # A sibling not yet told to stop may take some and hand them on again: at least 4.
     handed = re.findall(r"worker_stopped .*generation=1 handed_on=(\d+)", appd.log())
-    assert sum(map(int, handed)) == 4, appd.log()
+    assert len(handed) == 2 and sum(map(int, handed)) >= 4, appd.log()
 
 
 def test_the_channel_outlives_a_daemon_reexec(start_appd, clients):
