@@ -88,6 +88,8 @@ class ThreadWorker(Worker):
             kind, value = key.data
             if kind == "kept":
                 self.on_readable(value)
+            elif not self.alive:
+                continue  # told to stop while waiting: take nothing new
             elif kind == "listener":
                 self.accept(key.fileobj, *value)
             else:
