@@ -37,6 +37,8 @@ def free_port() -> int:
 
 
 def nginx_config(scratch: Path, port: int, upstream: str) -> str:
+    # One foreground process (no master/worker split): no switch to another user
+    # when run as root, so every path can live in the scratch directory.
     temps = "\n".join(f"    {kind}_temp_path {scratch / kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""daemon off;
