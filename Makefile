@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench-deps bench profile chaos clean
+.PHONY: run test proxies bench-deps bench profile chaos clean
 
 # A regular install, then the import packages in site-packages are replaced by
 # symlinks to daemon/ and ctl/, so edits are live (like `flit install --symlink`).
@@ -37,10 +37,17 @@ run: $(STAMP)
 	$(VENV)/bin/appd start --bind 127.0.0.1:8000
 
 # systemd-analyze and systemd-socket-activate (Debian's systemd package) let
-# the unit-file and socket-activation tests run rather than skip.
-test: $(STAMP)
+# the unit-file and socket-activation tests run rather than skip; nginx and
+# haproxy, the tests of appd behind a load balancer.
+test: $(STAMP) proxies
 	$(call apt_install,systemd-analyze,systemd,the systemd unit tests will skip)
 	$(PY) -m pytest -q
+
+# nginx-light is Debian 12's smallest nginx; later releases have only nginx.
+proxies:
+	$(call apt_install,nginx,nginx-light,trying the nginx package)
+	$(call apt_install,nginx,nginx,the tests behind nginx will skip)
+	$(call apt_install,haproxy,haproxy,the tests behind HAProxy will skip)
 
 # appd beside gunicorn 27 (about 15 minutes on 2 cores). Installs wrk from
 # Debian when it can; without it a Python load client measures throughput.
@@ -57,11 +64,12 @@ bench: bench-deps
 profile: bench-deps
 	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
-# Faults under load, 100 upgrades, control-socket abuse, hypothesis fault injection
-# (about 5 minutes); prints its figures. APPD_CHAOS_SEED=N replays a run,
-# APPD_CHAOS_SECONDS=N sets the soak, APPD_FUZZ_EXAMPLES=N the fuzzed configs and
-# commands (400 each by default; `make test` runs 40).
-chaos: $(STAMP)
+# Faults under load, 100 upgrades, control-socket abuse, hypothesis fault injection,
+# keep-alive clients direct and through nginx/HAProxy (about 8 minutes); prints
+# its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the
+# soak, APPD_FUZZ_EXAMPLES=N the fuzzed configs and commands (400 each by
+# default; `make test` runs 40).
+chaos: $(STAMP) proxies
 	$(PY) -m pytest -q -s tests/chaos
 
 clean:

@@ -15,7 +15,7 @@ import time
 
 from appdctl import protocol
 
-from . import __version__, config, listeners as listeners_mod, log, pidfile, proc, reexec, systemd
+from . import __version__, config, handoff, listeners as listeners_mod, log, pidfile, proc, reexec, systemd
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
@@ -53,6 +53,7 @@ class Daemon:
         self.loop = Loop()
         self.log = log.get(role="daemon")
         self.listeners: list = []
+        self.handoff: handoff.Channel | None = None  # held for the service's life, as the listeners
         self.generations: list[Generation] = []
         self.next_generation = 1
         self.operation = None
@@ -79,6 +80,7 @@ class Daemon:
                 self.cfg.bind, self.bind_explicit(self.cfg), self.cfg.backlog, inherited,
                 unix_mode=self.cfg.unix_socket_mode)
             self.control = ControlServer(self, self.cfg)
+        self.handoff = self.handoff or handoff.Channel.create()
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
         self.write_pidfile(reexecuted=state is not None)
@@ -134,6 +136,7 @@ class Daemon:
         self.control.close()
         for listener in self.listeners:
             self._close_listener(listener)
+        self.handoff.close()
         self.remove_pidfile()
         self.log.info("daemon_exit", code=self.exit_code)
 
@@ -147,7 +150,8 @@ class Daemon:
         generation = Generation(self.next_generation, self.pid)
         generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
         generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
-                         self.listeners, generation.extra_env, self.on_generation_message)
+                         self.listeners, {**generation.extra_env, **self.handoff.env()},
+                         self.on_generation_message)
         self.next_generation += 1
         self.generations.append(generation)
         self.log.info("generation_started", generation=generation.id, master=generation.pid)
@@ -170,7 +174,10 @@ class Daemon:
         if not generation.alive:
             return
         generation.state = DRAINING
-        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout})
+        # Its idle keep-alive connections go to the serving generation if that one takes them.
+        hand_on = (not sweep and self.serving not in (None, generation)
+                   and handoff.takes_handoff(self.cfg.worker_class))
+        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout, "handoff": hand_on})
         grace = hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0
         self.loop.call_later(grace, lambda: self._overstayed(generation))
 

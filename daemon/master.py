@@ -22,7 +22,7 @@ import traceback
 from appdctl.protocol import FrameDecoder
 
 from . import app as app_loading
-from . import listeners as listeners_mod
+from . import handoff, listeners as listeners_mod
 from . import log, proc
 from .channel import Channel
 from .loop import Loop
@@ -222,11 +222,16 @@ class Master:
             self.finish_reload(ok=True)
 
     def stop_worker(self, handle: WorkerHandle) -> None:
-        """Graceful: finish the request in hand, within graceful_timeout."""
+        """Graceful: finish the request in hand, within graceful_timeout. The workers
+        that stay (of the class now configured) take its idle connections if they can."""
+        if getattr(self.worker_cls, "TAKES_HANDOFF", False):
+            handle.send("HANDOFF=1")
         handle.stop(self.worker_cls.GRACEFUL_SIGNAL, self.cfg["graceful_timeout"])
 
-    def stop_workers(self, graceful: bool, sweep: bool = False, timeout: float | None = None) -> None:
-        """Stop the generation: graceful (optionally serving the backlog first) or quick."""
+    def stop_workers(self, graceful: bool, sweep: bool = False, timeout: float | None = None,
+                     handoff: bool = False) -> None:
+        """Stop the generation: graceful (optionally serving the backlog first) or quick.
+        handoff: the daemon says the serving generation takes idle connections."""
         self.phase = STOPPING
         cls = self.worker_cls
         if graceful:
@@ -235,6 +240,8 @@ class Master:
             signum, grace = cls.QUICK_SIGNAL, 2.0
         grace = timeout if timeout is not None else grace
         for handle in self.workers.values():
+            if graceful and handoff and not sweep:
+                handle.send("HANDOFF=1")  # before the signal, so the worker reads it on waking
             handle.stop(signum, grace)
         self.dirty = True
 
@@ -293,7 +300,8 @@ class Master:
         kind = message.get("t") if isinstance(message, dict) else None
         if kind == "drain":
             self.log.info("draining", sweep=bool(message.get("sweep")), timeout=message.get("timeout"))
-            self.stop_workers(graceful=True, sweep=bool(message.get("sweep")), timeout=message.get("timeout"))
+            self.stop_workers(graceful=True, sweep=bool(message.get("sweep")), timeout=message.get("timeout"),
+                              handoff=bool(message.get("handoff")))
         elif kind == "stop":
             self.stop_workers(graceful=False)
         elif kind == "scale":
@@ -402,6 +410,7 @@ def main() -> int:
         sys.path.insert(0, os.getcwd())
     proc.die_with_parent(signal.SIGTERM)
     listeners = listeners_mod.from_generation_env()
+    handoff.close_on_exec()  # the channel is for the forked workers, not for programs they exec
     master = Master(cfg, target, listeners, channel_sock, generation, daemon_pid)
     for message in pending:
         master.on_daemon_message(master.channel, message)

@@ -112,6 +112,7 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
         "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec, "owned": l.owned} for l in daemon.listeners],
         "generation_env": daemon.generation_env,
         "control": {"fd": daemon.control.sock.fileno(), "path": daemon.control.path},
+        "handoff": daemon.handoff.fds(),
         "clients": [{"fd": c.channel.sock.fileno(), "buffer": bytes(c.channel.decoder.buffer),
                      "reply_to": request_id if c is client else None}
                     for c in daemon.control.clients if not c.channel.closed],
@@ -126,7 +127,7 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
 
 
 def fds_of(state: dict) -> list[int]:
-    fds = [l["fd"] for l in state["listeners"]] + [state["control"]["fd"]]
+    fds = [l["fd"] for l in state["listeners"]] + [state["control"]["fd"]] + state.get("handoff", [])
     fds += [c["fd"] for c in state["clients"]]
     for g in state["generations"]:
         fds += [fd for fd in (g["channel_fd"], g["output_fd"]) if fd >= 0]
@@ -153,7 +154,7 @@ def execute(daemon, client, request_id) -> str:
         os.execve(sys.executable, argv, env)
     except OSError as exc:
         for fd in fds[:-1]:
-            if fd not in (l.fd for l in daemon.listeners):
+            if fd not in [l.fd for l in daemon.listeners] + daemon.handoff.fds():
                 os.set_inheritable(fd, False)
         os.close(memfd)
         return f"exec of {sys.executable} failed: {exc.strerror or exc}"
@@ -171,14 +172,15 @@ def read_state(environ=os.environ) -> dict | None:
     check_state(state)
     for fd in fds_of(state):
         os.set_inheritable(fd, False)
-    for listener in state["listeners"]:
-        os.set_inheritable(listener["fd"], True)  # generations inherit them
+    for fd in [l["fd"] for l in state["listeners"]] + state.get("handoff", []):
+        os.set_inheritable(fd, True)  # generations inherit them
     return state
 
 
 def restore(daemon, state: dict) -> None:
     """Rebuild the daemon around the descriptors the previous image left open."""
     from .control import ControlClient, ControlServer
+    from .handoff import Channel
     from .generation import Generation
     from .listeners import Listener
 
@@ -193,6 +195,8 @@ def restore(daemon, state: dict) -> None:
     daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"], l.get("owned", l["spec"].startswith("unix:")))
                         for l in state["listeners"]]
     daemon.control = ControlServer(daemon, daemon.cfg, adopt_fd=state["control"]["fd"])
+    if state.get("handoff"):  # absent when the previous image predates connection handoff
+        daemon.handoff = Channel.adopt(state["handoff"])
     now = time.monotonic()
     for g in state["generations"]:
         generation = Generation(g["id"], daemon.pid)

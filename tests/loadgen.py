@@ -12,19 +12,25 @@ open, and never longer than `max_seconds`. Every request is recorded as a
 Entering the block waits until the first request succeeded, so the load is
 proven to be flowing before the operation under test begins.
 
+KeepAliveLoad is the same with persistent connections, as a client pool or a
+proxy keeps them: each thread holds one HTTP/1.1 connection and POSTs on it
+with a think time between requests, never retrying (a failed request is
+recorded, and the next one opens a new connection).
+
 Addresses are "host:port", "[v6]:port" or "unix:/path".
 """
 
 from __future__ import annotations
 
 import http.client
+import random
 import threading
 import time
 from dataclasses import dataclass
 
 from conftest import UnixHTTPConnection
 
-__all__ = ["Load", "Result"]
+__all__ = ["KeepAliveLoad", "Load", "Result"]
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Result:
     status: int | None    # HTTP status, None when the request raised
     error: str | None     # repr of the exception, None when a response came back
     body: bytes = b""     # the first 200 bytes of the body
+    reconnect: bool = False  # (keep-alive) sent on a new connection after the previous one closed
 
     @property
     def ok(self) -> bool:
@@ -145,3 +152,50 @@ class Load:
         for failure in failures[:5]:
             text += f"\n  failed: status={failure.status} error={failure.error} body={failure.body!r}"
         return text
+
+
+class KeepAliveLoad(Load):
+    """`clients` threads, each with one persistent connection (http.client),
+    POSTing `body_size` bytes, then thinking 0 to `think` seconds."""
+
+    def __init__(self, address: str, clients: int = 16, path: str = "/", body_size: int = 100,
+                 think: float = 0.02, max_seconds: float = 60.0, request_timeout: float = 10.0,
+                 seed: int = 0):
+        super().__init__(address, threads=clients, path=path, max_seconds=max_seconds,
+                         request_timeout=request_timeout)
+        self.payload = b"x" * body_size
+        self.think = think
+        self.seed = seed
+
+    def _run(self) -> None:
+        rng = random.Random(f"{self.seed}-{threading.current_thread().name}")
+        end = self.started + self.max_seconds
+        conn = _connection(self.address, self.request_timeout)
+        first = True
+        try:
+            while not self._stop.is_set() and time.monotonic() < end:
+                # http.client reopens on demand after a `Connection: close` or an error.
+                reconnect = conn.sock is None and not first
+                first = False
+                self._record(self._post(conn, reconnect))
+                self._stop.wait(rng.uniform(0.0, self.think))
+        finally:
+            conn.close()
+
+    def _post(self, conn: http.client.HTTPConnection, reconnect: bool) -> Result:
+        started = time.monotonic()
+        try:
+            conn.request("POST", self.path, body=self.payload, headers={"Content-Type": "text/plain"})
+            response = conn.getresponse()
+            body = response.read()
+            return Result(started, time.monotonic() - started, response.status, None, body[:200], reconnect)
+        except Exception as exc:  # recorded, never retried
+            conn.close()
+            return Result(started, time.monotonic() - started, None, repr(exc), reconnect=reconnect)
+
+    @property
+    def reconnects(self) -> int:
+        return sum(r.reconnect for r in self.snapshot())
+
+    def report(self) -> str:
+        return super().report() + f", {self.reconnects} reconnects"

@@ -398,8 +398,8 @@ class Connection:
         idle = 0.0
         try:
             while True:
-                if park and idle and not reader.ready and not reader.in_head:
-                    return True  # nothing buffered: wait in the caller's poller, not in a thread
+                if park and idle and not reader.ready:
+                    return True  # no whole head buffered: wait in the caller's poller, not in a thread
                 try:
                     req = reader.next_request(idle, should_continue)
                 except HTTPError as exc:

@@ -1,10 +1,20 @@
-"""The gthread worker: `threads` threads serve requests; the main thread
-accepts and keeps idle keep-alive connections in its poller, so an idle
-client holds no thread. New connections and idle ones that send a request
-wait in one first-come, first-served line for a free thread; the worker
-keeps accepting while it holds fewer than `worker_connections`. Pipelined
-requests are served in order by the thread that has the connection. A
-graceful stop closes idle connections at once and lets busy ones finish."""
+"""The gthread worker: `threads` threads serve requests; the main thread is a
+poller that accepts, reads request heads without blocking and keeps idle
+keep-alive connections, so neither an idle client nor a slow one holds a
+thread. A connection goes to a thread once its head is complete, in one
+first-come, first-served line; a head not complete within `header_timeout`
+is answered 408. The worker keeps accepting while it holds fewer than
+`worker_connections`. Pipelined requests are served in order by the thread
+that has the connection.
+
+Stopping (upgrade, reload, scale -N, retire, max_requests, drain) never
+closes an idle connection under its client: that races the client's next
+request, which is then lost. Instead: stop accepting; requests in progress
+finish; pipelined requests already read are answered; idle connections are
+handed to the serving workers (appd.handoff) when the master says they take
+them, or else each one's next request is served with `Connection: close`;
+a connection still idle is closed at its keep-alive deadline or at
+graceful_timeout, whichever comes first."""
 
 from __future__ import annotations
 
@@ -16,152 +26,282 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import log
-from ..http import Connection
+from .. import handoff, log
+from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
+from .kept import Kept
 from .sync import server_info
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
+POLL_INTERVAL = 0.25  # deadlines (keep-alive, header_timeout) are checked this often
+STOP_MARGIN = 0.5     # close what is left this long before the master's SIGKILL
 
 
 class ThreadWorker(Worker):
+    TAKES_HANDOFF = True  # the master may hand this worker's idle connections on when it stops
+    handing_off = False   # stopping, and idle connections go to the handoff channel
+
     def serve(self) -> None:
-        cfg = self.cfg
-        self.threads = cfg["threads"]
-        self.keepalive = cfg["keepalive"]
-        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
-        self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
-        self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (connection, keep) from threads
-        self.busy = 0                                         # connections handed to threads
-        self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
-        self.parked: dict = {}                                # socket -> (connection, idle deadline)
-        self.max_connections = self.connection_limit(cfg["worker_connections"])
-        self.count_lock = threading.Lock()
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
-        self.listening = [(l.sock, server_info(l, cfg, multithread=True)) for l in self.listeners]
-        self.accepting = False
-        self.set_accepting(True)
+        self.setup_poller()
         try:
             while self.alive:
                 if not self.master_alive():
                     self.log.warning("master_gone", detail="stopping")
+                    self.alive = False
                     break
                 self.heartbeat()
-                for key, _ in self.wait_readable(self.selector, self.until_next_heartbeat()):
-                    if key.data is None:
-                        continue
-                    kind, value = key.data
-                    if kind == "listener":
-                        self.accept(key.fileobj, value)
-                    else:
-                        self.unpark(key.fileobj)
-                self.take_returned()
-                self.dispatch()
-                self.expire_idle()
+                self.poll_once()
                 self.set_accepting(self.connections() < self.max_connections and self.may_accept())
             self.stop_serving()
         finally:
             self.selector.close()
+            self.pool.shutdown(wait=False)
 
-    # --- connections between the poller and the threads ---
+    def setup_poller(self) -> None:
+        cfg = self.cfg
+        self.threads = cfg["threads"]
+        self.keepalive = cfg["keepalive"]
+        self.header_timeout = cfg["header_timeout"] or READ_TIMEOUT  # 0: only the read timeout
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
+        self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
+        self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
+        self.busy = 0                                         # connections handed to threads
+        self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
+        self.held: dict = {}                                  # socket -> Kept, in the poller
+        self.max_connections = self.connection_limit(cfg["worker_connections"])
+        self.count_lock = threading.Lock()
+        self.handoff = handoff.Channel.from_env()
+        self.handing_off = False
+        self.handed_on = 0
+        self.last_expiry = 0.0
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.listening = [(l.sock, server_info(l, cfg, multithread=True), l.name) for l in self.listeners]
+        self.accepting = False
+        self.set_accepting(True)
+
+    def poll_once(self) -> None:
+        timeout = min(self.until_next_heartbeat(), POLL_INTERVAL)
+        for key, _ in self.wait_readable(self.selector, timeout):
+            if key.data is None:
+                continue
+            kind, value = key.data
+            if kind == "kept":
+                self.on_readable(value)
+            elif not self.alive:
+                continue  # told to stop while waiting: take nothing new
+            elif kind == "listener":
+                self.accept(key.fileobj, *value)
+            else:
+                self.take_handed()
+        self.take_returned()
+        self.dispatch()
+        self.expire()
+
+    # --- connections in the poller ---
 
     def connections(self) -> int:
-        return self.busy + len(self.waiting) + len(self.parked)
+        return self.busy + len(self.waiting) + len(self.held)
 
-    def accept(self, sock, info) -> None:
-        while self.connections() < self.max_connections:
+    def accept(self, sock, info, name, everything: bool = False) -> None:
+        """Accept while below worker_connections (or everything queued, on drain)."""
+        while everything or self.connections() < self.max_connections:
             try:
                 conn, addr = sock.accept()
             except OSError as exc:
                 if exc.errno in _ACCEPT_ERRORS or self.accept_failed(exc) is not None:
                     return
                 raise
-            conn.setblocking(True)
-            self.waiting.append(Connection(conn, addr, info))
+            kept = Kept(conn, addr, info, name)
+            kept.head_until = time.monotonic() + self.header_timeout
+            self.watch(kept)
 
-    def dispatch(self, everything: bool = False) -> None:
-        """Hand waiting connections to free threads (or queue them all), oldest first."""
-        while self.waiting and (everything or self.busy < self.threads):
+    def take_handed(self) -> None:
+        """Connections another worker handed on: as if accepted, with what it had read."""
+        if self.handoff is None:
+            return
+        for handed in self.handoff.receive(max(0, self.max_connections - self.connections())):
+            try:
+                addr = handed.sock.getpeername()
+            except OSError:  # the client left meanwhile
+                handed.sock.close()
+                continue
+            info, name = self.listener_info(handed.listener)
+            kept = Kept(handed.sock, addr, info, name, pending=handed.data)
+            kept.idle_until = time.monotonic() + self.keepalive
+            self.watch(kept)
+            if handed.data:
+                self.on_readable(kept)
+
+    def listener_info(self, name: str):
+        for _, info, listener in self.listening:
+            if listener == name:
+                return info, name
+        _, info, listener = self.listening[0]
+        return info, listener
+
+    def watch(self, kept: Kept) -> None:
+        self.held[kept.sock] = kept
+        self.selector.register(kept.sock, selectors.EVENT_READ, ("kept", kept))
+
+    def forget(self, kept: Kept) -> None:
+        del self.held[kept.sock]
+        self.selector.unregister(kept.sock)
+
+    def on_readable(self, kept: Kept) -> None:
+        if not kept.read():
+            self.forget(kept)
+            kept.close()
+        elif kept.has_request:
+            self.forget(kept)
+            self.waiting.append(kept)
+        else:
+            kept.head_started(time.monotonic(), self.header_timeout)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        if now - self.last_expiry < 0.1:
+            return
+        self.last_expiry = now
+        for kept in list(self.held.values()):
+            why = kept.expired(now)
+            if why:
+                self.forget(kept)
+                if why == "head":
+                    kept.answer_timeout()
+                else:
+                    kept.close()
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Listen (and take handed-on connections) only below worker_connections,
+        so a full worker leaves connections to others."""
+        if accepting == self.accepting:
+            return
+        self.accepting = accepting
+        sources = [(sock, ("listener", (info, name))) for sock, info, name in self.listening]
+        if self.handoff is not None:
+            sources.append((self.handoff, ("handoff", None)))
+        for source, data in sources:
+            if accepting:
+                self.selector.register(source, selectors.EVENT_READ, data)
+            else:
+                self.selector.unregister(source)
+
+    # --- connections in the threads ---
+
+    def dispatch(self) -> None:
+        """Hand connections with a complete head to free threads, oldest first."""
+        while self.waiting and self.busy < self.threads:
             self.busy += 1
             self.pool.submit(self.run_connection, self.waiting.popleft())
 
-    def run_connection(self, connection: Connection) -> None:
+    def run_connection(self, kept: Kept) -> None:
         keep = False
         try:
-            keep = connection.serve(self.app, self.access_log, self.keepalive, self.should_continue,
-                                    self.count_request_locked, park=True)
+            keep = kept.connection.serve(self.app, self.access_log, self.keepalive, self.should_continue,
+                                         self.count_request_locked, park=True)
         except Exception:
             self.log.exception("connection_failed")
-            connection.close()
+            kept.close()
         finally:
-            self.returned.put((connection, keep))
-            self.wake_w.send(b"\0")
+            self.returned.put((kept, keep))
+            try:
+                self.wake_w.send(b"\0")
+            except BlockingIOError:
+                pass  # the poller is already woken
 
     def take_returned(self) -> None:
         while True:
             try:
-                connection, keep = self.returned.get_nowait()
+                kept, keep = self.returned.get_nowait()
             except queue.Empty:
                 return
             self.busy -= 1
-            if keep and self.alive:
-                self.parked[connection.sock] = (connection, time.monotonic() + self.keepalive)
-                self.selector.register(connection.sock, selectors.EVENT_READ, ("parked", None))
-            elif keep:
-                connection.close()
-
-    def unpark(self, sock) -> None:
-        connection, _ = self.parked.pop(sock)
-        self.selector.unregister(sock)
-        self.waiting.append(connection)
-
-    def expire_idle(self) -> None:
-        now = time.monotonic()
-        for sock, (connection, deadline) in list(self.parked.items()):
-            if now >= deadline:
-                del self.parked[sock]
-                self.selector.unregister(sock)
-                connection.close()
-
-    def set_accepting(self, accepting: bool) -> None:
-        """Listen only below worker_connections, so a full worker leaves connections to others."""
-        if accepting == self.accepting:
-            return
-        self.accepting = accepting
-        for sock, info in self.listening:
-            if accepting:
-                self.selector.register(sock, selectors.EVENT_READ, ("listener", info))
-            else:
-                self.selector.unregister(sock)
-
-    # --- stopping ---
+            if not keep:
+                continue  # closed by the thread
+            if kept.has_request:  # e.g. a pipelined request that must be refused
+                self.waiting.append(kept)
+                continue
+            kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
+            if not (self.handing_off and self.pass_on(kept)):
+                self.watch(kept)
 
     def should_continue(self) -> bool:
-        return self.alive
+        """Whether a response may keep its connection alive: yes while serving, and
+        while stopping when the connection will be handed on afterwards."""
+        return self.alive or self.handing_off
 
     def count_request_locked(self) -> None:
         with self.count_lock:
             self.count_request()
+            if self.recycling() and not self.handing_off:
+                self.handing_off = self.handoff_wanted()  # decided before the response is sent
+
+    # --- stopping ---
 
     def stop_serving(self) -> None:
-        """Close idle connections at once; busy ones finish their request (bounded)."""
-        for sock, (connection, _) in list(self.parked.items()):
-            connection.close()
-        self.parked.clear()
+        self.set_accepting(False)
+        deadline = time.monotonic() + max(0.0, self.cfg["graceful_timeout"] - STOP_MARGIN)
         if self.sweep:
-            deadline = time.monotonic() + self.cfg["graceful_timeout"]
-            for sock, info in self.listening:
-                while time.monotonic() < deadline:
-                    try:
-                        conn, addr = sock.accept()
-                    except OSError:
-                        break
-                    conn.setblocking(True)
-                    self.waiting.append(Connection(conn, addr, info))
-        self.dispatch(everything=True)  # they sent a request: answer it (with Connection: close)
-        self.pool.shutdown(wait=True)
-        while not self.returned.empty():
-            connection, keep = self.returned.get_nowait()
-            if keep:
-                connection.close()
+            self.sweep_backlog()
+        if not self.handing_off:
+            self.handing_off = self.handoff_wanted()
+        self.log.debug("worker_stopping", connections=self.connections(), handoff=self.handing_off)
+        while self.connections() and time.monotonic() < deadline:
+            if self.handing_off:
+                self.pass_on_held()
+            self.heartbeat()
+            self.poll_once()
+        left = self.connections()
+        for kept in list(self.held.values()):
+            self.forget(kept)
+            kept.close()
+        while self.waiting:
+            self.waiting.popleft().close()
+        self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=left)
+
+    def _graceful(self, signum, frame) -> None:
+        # Decided before `alive` flips, so no response in between says `Connection: close`.
+        if self.serving and not self.handing_off:
+            self.handing_off = self.handoff_wanted()
+        super()._graceful(signum, frame)
+
+    def handoff_wanted(self) -> bool:
+        """Hand idle connections on when the master said the serving workers take
+        them (HANDOFF=1), or when recycling (max_requests: this generation's
+        other workers take them). Never on drain: the whole service stops."""
+        if getattr(self, "handoff", None) is None or self.sweep:
+            return False
+        if self.recycling():
+            return True
+        return self.reporter.orders().get("HANDOFF") == "1"
+
+    def recycling(self) -> bool:
+        return bool(self.max_requests) and self.requests >= self.max_requests
+
+    def pass_on_held(self) -> None:
+        for kept in list(self.held.values()):
+            self.forget(kept)
+            if not self.pass_on(kept):
+                self.watch(kept)  # serve its next request here instead
+
+    def pass_on(self, kept: Kept) -> bool:
+        """Hand one connection on; False if it cannot go (channel full, or what was
+        read of its next request is not known)."""
+        data = kept.unread()
+        if data is None:
+            return False
+        if not self.handoff.send(kept.sock, data, kept.listener):
+            self.handing_off = False  # channel full: serve next requests here, with close
+            return False
+        kept.close()  # our copy only: the connection itself travels on
+        self.handed_on += 1
+        return True
+
+    def sweep_backlog(self) -> None:
+        """On drain: take every connection already queued (backlog and handoff
+        channel); they are served like the others, bounded by graceful_timeout."""
+        for sock, info, name in self.listening:
+            self.accept(sock, info, name, everything=True)
+        if self.handoff is not None:
+            self.take_handed()

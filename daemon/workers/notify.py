@@ -4,7 +4,9 @@ language that speaks sd_notify can be a worker.
 
 Keys: READY=1, WATCHDOG=1 (heartbeat), STATUS=..., and appd's own
 X_APPD_REQUESTS=n, X_APPD_BOOT_ERROR=<text to the end>.
-The master answers a booting generation's workers with SERVE=1 at cutover.
+The master answers a booting generation's workers with SERVE=1 at cutover,
+and sends HANDOFF=1 just before a graceful stop signal when the serving
+workers take this worker's idle connections (appd.handoff).
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class Reporter:
                     return True
         except OSError:
             return False
+
+    def orders(self) -> dict[str, str]:
+        """Every field the master sent and nobody read yet (e.g. HANDOFF=1 before a stop)."""
+        fields: dict[str, str] = {}
+        try:
+            while True:
+                fields.update(parse(self.sock.recv(4096)))
+        except OSError:
+            return fields
 
     def boot_error(self, text: str) -> None:
         self.send(BOOT_ERROR + text[-60000:])

@@ -16,6 +16,7 @@ import load
 from servers import BIN, AppdServer, BenchError, answering_pid, children, http_get, wait_for
 
 from common import FLASK, HELLO, SLOW, Context, Row, median
+from keepalive import keepalive_soak
 from throughput import flask_throughput, gthread_throughput, hello_throughput
 
 # --- 3: zero downtime under load ------------------------------------------------
@@ -309,4 +310,5 @@ SCENARIOS = {
     "ctl": (control_client, "5. control client time"),
     "memory": (memory, "6. daemon RSS, worker USS/PSS"),
     "scale": (scale_up, "7. scale +1 to serving"),
+    "keepalive": (keepalive_soak, "8. keep-alive clients through upgrades and reloads, direct and behind nginx/HAProxy"),
 }

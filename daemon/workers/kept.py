@@ -1,0 +1,166 @@
+"""A connection as the gthread worker's poller holds it between requests:
+idle (kept alive), or with part of a request head read, with the deadlines
+that end each state. It also records the bytes read since the connection was
+last between requests, so that when the worker stops it can hand the
+connection on with exactly the part of the next request it already read."""
+
+from __future__ import annotations
+
+import socket
+
+import httptools
+
+from ..http import Connection, ServerInfo
+from ..http.errors import error_response
+
+RECORD_LIMIT = 64 * 1024  # beyond this since the last idle point, the connection is not handed on
+_TIMEOUT_408 = error_response("408 Request Timeout", "")
+
+
+class Tap:
+    """Stands in for the socket the request reader reads from: records what is
+    read, and first gives back bytes another worker had already read."""
+
+    __slots__ = ("sock", "pending", "raw", "overflow")
+
+    def __init__(self, sock, pending: bytes = b""):
+        self.sock = sock
+        self.pending = pending
+        self.raw = bytearray()
+        self.overflow = False
+
+    def recv(self, size: int) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending, b""
+        else:
+            data = self.sock.recv(size)
+        if not self.overflow:
+            if len(self.raw) + len(data) > RECORD_LIMIT:
+                self.overflow = True
+                self.raw.clear()
+            else:
+                self.raw += data
+        return data
+
+    def restart(self) -> None:
+        """Between requests: nothing read belongs to a request not yet served."""
+        self.raw.clear()
+        self.overflow = False
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+class Kept:
+    """One connection of the worker, with its state in the poller."""
+
+    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until")
+
+    def __init__(self, sock, addr, info: ServerInfo, listener: str, pending: bytes = b""):
+        self.connection = Connection(sock, addr, info)
+        self.tap = Tap(sock, pending)
+        self.connection.reader.sock = self.tap
+        self.listener = listener
+        self.idle_until: float | None = None   # keep-alive deadline while no byte of a head came
+        self.head_until: float | None = None   # header_timeout deadline once a head started
+
+    @property
+    def sock(self):
+        return self.connection.sock
+
+    @property
+    def reader(self):
+        return self.connection.reader
+
+    @property
+    def has_request(self) -> bool:
+        """A complete head (or an error to answer) is ready: time for a thread."""
+        reader = self.reader
+        return bool(reader.ready) or reader.error is not None or reader.done
+
+    def read(self) -> bool:
+        """One read of what arrived (the poller saw it readable); False on EOF or reset."""
+        return self.reader.fill()
+
+    def hold(self, now: float, keepalive: float, header_timeout: float) -> None:
+        """Back in the poller between requests: start the deadline that applies."""
+        if self.reader.in_head:
+            self.head_until = now + header_timeout
+            self.idle_until = None
+        else:
+            self.tap.restart()
+            self.idle_until = now + keepalive
+            self.head_until = None
+
+    def head_started(self, now: float, header_timeout: float) -> None:
+        if self.head_until is None and self.reader.in_head:
+            self.head_until = now + header_timeout
+            self.idle_until = None
+
+    def expired(self, now: float) -> str | None:
+        """"idle" (keep-alive over: close quietly), "head" (too slow: 408) or None."""
+        if self.head_until is not None and now >= self.head_until:
+            return "head"
+        if self.idle_until is not None and now >= self.idle_until and not self.reader.in_head:
+            return "idle"
+        return None
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.idle_until, self.head_until) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def answer_timeout(self) -> None:
+        try:
+            self.sock.send(_TIMEOUT_408, socket.MSG_DONTWAIT)  # tiny: fits the send buffer
+        except OSError:
+            pass
+        self.close()
+
+    def unread(self) -> bytes | None:
+        """The bytes already read of the request not yet served, or None when they
+        cannot be known (too much read since the last idle point)."""
+        if not self.reader.in_head:
+            return b""
+        if self.tap.overflow:
+            return None
+        return partial_tail(bytes(self.tap.raw))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class _Counter:
+    __slots__ = ("complete",)
+
+    def __init__(self):
+        self.complete = 0
+
+    def on_message_complete(self):
+        self.complete += 1
+
+
+def _completed(data: bytes) -> int:
+    counter = _Counter()
+    httptools.HttpRequestParser(counter).feed_data(data)
+    return counter.complete
+
+
+def partial_tail(raw: bytes) -> bytes | None:
+    """`raw` holds whole requests followed by the start of one more (pipelining):
+    return that start. The parser gives no offsets, so find the shortest prefix
+    that already completes every whole request (a binary search, run only when
+    a connection is handed on in the middle of a head)."""
+    try:
+        whole = _completed(raw)
+        if whole == 0:
+            return raw
+        low, high = 0, len(raw)
+        while low < high:
+            middle = (low + high) // 2
+            if _completed(raw[:middle]) >= whole:
+                high = middle
+            else:
+                low = middle + 1
+        return raw[low:]
+    except httptools.HttpParserError:
+        return None
