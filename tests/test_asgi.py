@@ -110,7 +110,7 @@ def test_fastapi_pipelining_and_100_continue(fastapi_appd):
 
 
 def test_status_reports_busy_requests(fastapi_appd):
-    slow = Background(fastapi_appd.address, "/sleep?seconds=3")
+    slow = Background(fastapi_appd.address, "/sleep?seconds=2")
 
     def busy_worker():
         workers = fastapi_appd.serving_generation()["workers"]
@@ -164,9 +164,9 @@ def test_lifespan_startup_failure_rolls_back_with_the_apps_message(fastapi_appd)
 # --- a handler that blocks the loop ---
 
 def test_handler_blocking_the_loop_is_found_hung(start_appd):
-    appd = start_appd("asgi_fastapi:app", *ASGI, "-w", "1", "--timeout", "2")
+    appd = start_appd("asgi_raw:app", *ASGI, "-w", "1", "--timeout", "1")
     pid = appd.serving_generation()["workers"][0]["pid"]
-    blocked = Background(appd.address, "/block-async", timeout=30)
+    blocked = Background(appd.address, "/block", timeout=30)
     wait_until(lambda: "worker_timeout" in appd.log() and "block_the_event_loop" in appd.log(), 20,
                message="the hung worker's traceback in the log")
     assert not isinstance(blocked.join(), tuple), "the blocked request cannot have been answered"

@@ -107,10 +107,10 @@ class HttpProtocol(asyncio.Protocol):
                     self.refuse(HeadersTooLarge("request head too large"))
 
     def eof_received(self):
+        # A client's FIN cannot be told from a half-close; like uvicorn, take it as
+        # gone, so an app waiting on receive() hears http.disconnect.
         self.eof = True
-        if self.cycle is None and not self.pipeline:
-            return None  # nothing owed: let asyncio close
-        return True  # half-closed: keep writing the responses owed
+        return None
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -1,11 +1,10 @@
 """A FastAPI app for the asgi worker tests: JSON, a streaming response, a file
-upload, a dependency reading lifespan state, a handler that blocks the loop.
-FAIL_STARTUP=1 makes the lifespan startup fail with a message."""
+upload, a dependency reading lifespan state. FAIL_STARTUP=1 makes the lifespan
+startup fail with a message."""
 
 import asyncio
 import hashlib
 import os
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request, UploadFile
@@ -72,9 +71,3 @@ async def stream(parts: int = 5, size: int = 10):
 async def sleep(seconds: float = 1.0):
     await asyncio.sleep(seconds)
     return {"slept": seconds, "version": VERSION}
-
-
-@app.get("/block-async")
-async def block_the_event_loop():
-    time.sleep(60)  # wrong on purpose: blocks the worker's event loop
-    return {}
