@@ -33,7 +33,7 @@ from .base import Worker
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
 TICK_S = 0.25          # deadlines and liveness are checked this often
-ACCEPT_BATCH = 64      # connections taken per readable event, so one listener cannot starve the rest
+ACCEPT_BATCH = 1       # connections taken per wake-up: the other workers, woken too, get their share
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

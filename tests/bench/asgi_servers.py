@@ -8,6 +8,8 @@ import os
 import signal
 import time
 
+import psutil
+
 from servers import (BIN, AppdServer, BenchError, GunicornServer, Server, alive, children, http_get,
                      wait_for)
 
@@ -28,7 +30,15 @@ class _MultiprocessServer(Server):
         return self.proc.pid if self.proc and self.proc.poll() is None else None
 
     def worker_pids(self) -> list[int]:
-        return children(self.proc.pid) if self.proc else []
+        """Children, less multiprocessing's resource tracker (it lives as long as the server)."""
+        pids = []
+        for pid in children(self.proc.pid) if self.proc else []:
+            try:
+                if "resource_tracker" not in " ".join(psutil.Process(pid).cmdline()):
+                    pids.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def wait_started(self, timeout: float) -> None:
         def ready():
