@@ -214,3 +214,26 @@ def test_django_asgi_across_upgrade(start_appd):
         load.wait_for(50)
     assert not load.failures, load.report()
     assert {r.body for r in load.results} == {b"django v1\n", b"django v2\n"}
+
+
+def test_websocket_drain_timeout_on_plain_asyncio(start_appd, tmp_path):
+    """With websocket_drain_timeout the old generation's WebSockets keep working that
+    long before the 1012 close. Run without uvloop (hidden), on asyncio's own loop."""
+    from websockets.exceptions import ConnectionClosed
+    hidden = tmp_path / "no_uvloop"
+    (hidden / "uvloop").mkdir(parents=True)
+    (hidden / "uvloop" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    appd = start_appd("asgi_ws:app", *ASGI, "-w", "1", "--websocket-drain-timeout", "1",
+                      env={"PYTHONPATH": str(hidden)})
+    with websockets_client.connect(f"ws://{appd.address}/ws", open_timeout=10) as ws:
+        assert ws.recv(timeout=10) == "hello v1"
+        before = appd.serving_generation()["id"]
+        assert appd.ctl("upgrade", "--no-wait").returncode == 0
+        wait_until(lambda: appd.serving_generation()["id"] == before + 1, 30, message="the cutover")
+        drained_at = time.monotonic()
+        ws.send("still here")
+        assert ws.recv(timeout=10) == "still here", "the draining worker still serves its WebSocket"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1012
+        assert time.monotonic() - drained_at > 0.3

@@ -107,3 +107,12 @@ def test_websocket_upgrade_without_wsproto_is_refused_clearly(start_appd, tmp_pa
     assert answer.startswith(b"HTTP/1.1 501 ") and b"wsproto is not installed" in answer, answer
     wait_until(lambda: "websocket_unavailable" in appd.log(), 5, message="the error logged")
     assert appd.get("/")[0] == 200
+
+
+def test_app_factory_and_a_clear_error_without_factory(start_appd):
+    appd = start_appd("asgi_raw:create_app", "--worker-class", "asgi", "-w", "1", "--factory")
+    assert appd.get("/x")[2] == b"raw v1 /x"
+    wrong = start_appd("asgi_raw:create_app", "--worker-class", "asgi", "-w", "1", wait=False)
+    wrong.proc.wait(30)
+    assert wrong.proc.returncode != 0
+    assert "is not an ASGI 3 application" in wrong.log() and "needs --factory" in wrong.log()

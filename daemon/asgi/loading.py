@@ -26,7 +26,7 @@ async def demo_app(scope, receive, send):
 def load(spec: str | None, factory: bool, preloaded=None):
     """The ASGI 3 app; AppLoadError naming the cause if it is not one."""
     app = preloaded if preloaded is not None else app_loading.load_app(spec or DEMO_APP)
-    if factory and preloaded is None:
+    if factory:  # also when preloaded: the master imported the factory, each worker calls it
         app = app()
     if not is_asgi3(app):
         raise app_loading.AppLoadError(

@@ -33,3 +33,8 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def create_app():
+    """An app factory (appd start asgi_raw:create_app --factory)."""
+    return app
