@@ -122,14 +122,19 @@ def test_status_reports_busy_requests(fastapi_appd):
 def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
     """Keep-alive GET and POST load across an upgrade; an idle kept-alive connection
     to the old generation is not closed under its client: its next request is
-    answered (by the old code) with Connection: close."""
+    answered (by the old code) with Connection: close; a request in progress and the
+    two pipelined behind it are all answered, the last with Connection: close."""
     appd = fastapi_appd
     old_pids = {w["pid"] for w in appd.serving_generation()["workers"]}
     idle = http.client.HTTPConnection(*host_port(appd.address), timeout=10)
     idle.request("GET", "/")
     assert json.loads(idle.getresponse().read())["version"] == "v1"
     before = appd.serving_generation()["id"]
+    pipelined = socket.create_connection(host_port(appd.address), timeout=15)
     with KeepAliveLoad(appd.address, path="/", post_path="/echo", threads=6) as load:
+        # In progress when the stop comes, with two requests pipelined behind it.
+        pipelined.sendall(b"GET /sleep?seconds=4 HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /state HTTP/1.1\r\nHost: x\r\n\r\n")
         result = appd.ctl("upgrade", "--no-wait", "--env", "APP_VERSION=v2")
         assert result.returncode == 0, result.stderr
         wait_until(lambda: appd.serving_generation()["id"] == before + 1, 30, message="the cutover")
@@ -138,6 +143,12 @@ def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
         response = idle.getresponse()
         assert json.loads(response.read())["version"] == "v1"
         assert response.getheader("connection") == "close"
+        replies = pipelined.makefile("rb")
+        answers = [read_response(replies) for _ in range(3)]
+        assert [a[0] for a in answers] == [200, 200, 200]
+        assert json.loads(answers[1][2])["version"] == "v1", "answered by the old generation"
+        assert [a[1].get("connection") for a in answers] == [None, None, "close"], answers
+        pipelined.close()
         load.wait_for(100)
         wait_until(lambda: appd.status()["last_operation"] == {**appd.status()["last_operation"],
                                                                "op": "upgrade", "outcome": "done"}, 30,
