@@ -120,30 +120,37 @@ def test_status_reports_busy_requests(fastapi_appd):
 
 
 def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
-    """Keep-alive GET and POST load across an upgrade; an idle kept-alive connection
-    to the old generation is not closed under its client: its next request is
-    answered (by the old code) with Connection: close; a request in progress and the
-    two pipelined behind it are all answered, the last with Connection: close."""
+    """Keep-alive GET and POST load across an upgrade, with no failed request. In an
+    old worker: an idle kept-alive connection is not closed under its client, its
+    next request is answered (by the old code) with Connection: close; a request in
+    progress at the stop and two pipelined behind it are all answered, the last
+    with Connection: close."""
     appd = fastapi_appd
     old_pids = {w["pid"] for w in appd.serving_generation()["workers"]}
-    idle = http.client.HTTPConnection(*host_port(appd.address), timeout=10)
+    before = appd.serving_generation()["id"]
+    release = appd.tmp / "release"
+    pipelined = socket.create_connection(host_port(appd.address), timeout=30)
+    replies = pipelined.makefile("rb")
+    idle = http.client.HTTPConnection(*host_port(appd.address), timeout=30)
     idle.request("GET", "/")
     assert json.loads(idle.getresponse().read())["version"] == "v1"
-    before = appd.serving_generation()["id"]
-    pipelined = socket.create_connection(host_port(appd.address), timeout=15)
     with KeepAliveLoad(appd.address, path="/", post_path="/echo", threads=6) as load:
-        # In progress when the stop comes, with two requests pipelined behind it.
-        pipelined.sendall(b"GET /sleep?seconds=4 HTTP/1.1\r\nHost: x\r\n\r\n"
-                          b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /state HTTP/1.1\r\nHost: x\r\n\r\n")
+        pipelined.sendall(f"GET /hold?path={release} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                          + b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /state HTTP/1.1\r\nHost: x\r\n\r\n")
         result = appd.ctl("upgrade", "--no-wait", "--env", "APP_VERSION=v2")
         assert result.returncode == 0, result.stderr
         wait_until(lambda: appd.serving_generation()["id"] == before + 1, 30, message="the cutover")
-        # The old generation drains now; our idle connection is still open and answered.
-        idle.request("GET", "/")
-        response = idle.getresponse()
-        assert json.loads(response.read())["version"] == "v1"
-        assert response.getheader("connection") == "close"
-        replies = pipelined.makefile("rb")
+        wait_until(lambda: all(w["state"] == "stopping" for g in appd.status()["generations"]
+                               if g["id"] == before for w in g["workers"]), 30,
+                   message="the old workers told to stop")
+
+        def answered_with_close():  # the idle connection's next request, until its worker stops
+            idle.request("GET", "/")
+            response = idle.getresponse()
+            assert json.loads(response.read())["version"] == "v1", "answered by the old worker"
+            return response.getheader("connection") == "close"
+        wait_until(answered_with_close, 30, message="the old worker's Connection: close")
+        release.touch()  # the held request ends now, in a stopping worker (both got TERM at once)
         answers = [read_response(replies) for _ in range(3)]
         assert [a[0] for a in answers] == [200, 200, 200]
         assert json.loads(answers[1][2])["version"] == "v1", "answered by the old generation"

@@ -67,6 +67,16 @@ async def stream(parts: int = 5, size: int = 10):
     return StreamingResponse(generate(), media_type="text/plain")
 
 
+@app.get("/hold")
+async def hold(path: str):
+    """Answer once the file at `path` exists (at most 30 s)."""
+    for _ in range(1500):
+        if os.path.exists(path):
+            break
+        await asyncio.sleep(0.02)
+    return {"held": True, "version": VERSION}
+
+
 @app.get("/sleep")
 async def sleep(seconds: float = 1.0):
     await asyncio.sleep(seconds)
