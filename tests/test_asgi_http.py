@@ -4,13 +4,15 @@ a WebSocket upgrade without wsproto installed."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import time
 
 import psutil
 import pytest
 
-from conftest import running_appd, wait_until
+from conftest import APPD, APPS, running_appd, wait_until
 
 pytest.importorskip("wsproto")
 
@@ -116,3 +118,13 @@ def test_app_factory_and_a_clear_error_without_factory(start_appd):
     wrong.proc.wait(30)
     assert wrong.proc.returncode != 0
     assert "is not an ASGI 3 application" in wrong.log() and "needs --factory" in wrong.log()
+
+
+def test_appd_check_runs_the_asgi_lifespan_and_ready_check():
+    def check(*args, env=None):
+        return subprocess.run([APPD, "check", *args, "--worker-class", "asgi"], cwd=APPS, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **(env or {})})
+    ok = check("asgi_raw:create_app", "--factory", "--ready-check", "/healthz")
+    assert ok.returncode == 0 and "/healthz answers 2xx" in ok.stdout, ok.stderr
+    failed = check("asgi_fastapi:app", env={"FAIL_STARTUP": "1"})
+    assert failed.returncode == 1 and "database unreachable (FAIL_STARTUP is set)" in failed.stderr, failed.stderr

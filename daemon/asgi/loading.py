@@ -73,3 +73,26 @@ async def ready_check(app, path: str, state: dict | None) -> tuple[bool, str]:
     done.set()
     status = outcome.get("status")
     return status is not None and 200 <= status < 300, str(status or "no response")
+
+
+def check(spec: str | None, factory: bool, path: str | None) -> None:
+    """`appd check` for worker_class = asgi, in a child interpreter: load the app as a
+    worker does, run the lifespan startup, the ready check, then the shutdown.
+    Exits with the reason on failure."""
+    import sys
+
+    from .lifespan import Lifespan, LifespanFailed
+
+    async def run() -> None:
+        app = load(spec, factory)
+        lifespan = Lifespan(app, asyncio.get_running_loop())
+        try:
+            await lifespan.startup()
+        except LifespanFailed as exc:
+            sys.exit(f"ASGI lifespan startup failed: {exc}")
+        if path:
+            ok, status = await ready_check(app, path, lifespan.state if lifespan.supported else None)
+            if not ok:
+                sys.exit(f"ready_check GET {path} answered {status!r}")
+        await lifespan.shutdown(10.0)
+    asyncio.run(run())
