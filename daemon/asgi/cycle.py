@@ -23,6 +23,18 @@ _DISCONNECT = {"type": "http.disconnect"}
 _SKIPPED = {b"connection", b"transfer-encoding", b"keep-alive"}  # framing is ours
 
 
+_date = ("", b"")
+
+
+def date_line() -> bytes:
+    """The Date header, encoded once a second (wsgi's _date_line changes once a second)."""
+    global _date
+    text = _date_line()
+    if _date[0] is not text:
+        _date = (text, text.encode("latin-1"))
+    return _date[1]
+
+
 def status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     if line is None:
@@ -242,7 +254,7 @@ class RequestCycle:
         elif self.scope["http_version"] == "1.0":
             parts.append(b"connection: keep-alive\r\n")
         if not has_date:
-            parts.append(_date_line().encode("latin-1"))
+            parts.append(date_line())
         if not has_server:
             parts.append(b"server: appd\r\n")
         parts.append(b"\r\n")

@@ -123,6 +123,11 @@ class AsgiWorker(Worker):
                 self.stop_requested.set()
             await asyncio.sleep(TICK_S)
 
+    def count_request(self) -> None:
+        super().count_request()
+        if not self.alive:  # max_requests: stop accepting now, not at the next tick
+            self.stop_requested.set()
+
     def load_now(self) -> tuple:
         if self.server is None:
             return 0, 0.0
