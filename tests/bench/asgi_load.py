@@ -167,43 +167,21 @@ class KeepAliveLoad:
 # --- WebSockets -------------------------------------------------------------------
 
 async def _ws_client(url: str, stop_at: float, stop, stats: dict) -> None:
+    """One client: connect, message until the server closes, count, reconnect."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
     closed_at = None
-    seq = 0
     while time.monotonic() < stop_at and not stop.is_set():
         try:
             async with connect(url, open_timeout=30, max_queue=None, ping_interval=None) as ws:
                 await ws.recv()  # hello
                 if closed_at is not None:
                     stats["reconnect_s"].append(time.monotonic() - closed_at)
-                pending = set()
-
-                async def reader():
-                    async for text in ws:
-                        pending.discard(text)
-                        stats["echoed"] += 1
-                reading = asyncio.ensure_future(reader())
-                try:
-                    while time.monotonic() < stop_at and not stop.is_set() and not reading.done():
-                        seq += 1
-                        text = f"{id(stats)}:{seq}"
-                        pending.add(text)
-                        await ws.send(text)
-                        stats["sent"] += 1
-                        await asyncio.sleep(0.1)
-                    if not reading.done():
-                        await ws.close()
-                        stats["closed_by_client"] += 1
-                        return
-                    await reading
-                except ConnectionClosed:
-                    pass
-                finally:
-                    reading.cancel()
+                pending: set = set()
+                if await _exchange(ws, pending, stop_at, stop, stats):
+                    return  # the run is over: we closed
                 rcvd = ws.protocol.close_rcvd
-                code = rcvd.code if rcvd is not None else 1006
-                stats["close_codes"][code] += 1
+                stats["close_codes"][rcvd.code if rcvd is not None else 1006] += 1
                 key = "lost_with_close_frame" if rcvd is not None else "lost_without_close_frame"
                 stats[key] += len(pending)
                 closed_at = time.monotonic()
@@ -211,6 +189,35 @@ async def _ws_client(url: str, stop_at: float, stop, stats: dict) -> None:
             stats["connect_errors"][type(exc).__name__] += 1
             closed_at = closed_at or time.monotonic()
             await asyncio.sleep(0.05)
+
+
+async def _exchange(ws, pending: set, stop_at: float, stop, stats: dict) -> bool:
+    """Send a message every 100 ms while echoes come back; `pending` keeps those not
+    echoed. True if we closed (end of run), False if the server did."""
+    from websockets.exceptions import ConnectionClosed
+
+    async def reader():
+        async for text in ws:
+            pending.discard(text)
+            stats["echoed"] += 1
+    reading = asyncio.ensure_future(reader())
+    try:
+        while time.monotonic() < stop_at and not stop.is_set() and not reading.done():
+            stats["sent"] += 1
+            text = f"{id(pending)}:{stats['sent']}"
+            pending.add(text)
+            await ws.send(text)
+            await asyncio.sleep(0.1)
+        if not reading.done():
+            await ws.close()
+            stats["closed_by_client"] += 1
+            return True
+        await reading
+    except ConnectionClosed:
+        pass
+    finally:
+        reading.cancel()
+    return False
 
 
 def _ws_process(url, clients, stop_at, stop, pipe):
