@@ -4,6 +4,7 @@ a WebSocket upgrade without wsproto installed."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ def raw_appd(tmp_path_factory):
     directory = tmp_path_factory.mktemp("raw")
     with running_appd(directory, "asgi_raw:app", "--worker-class", "asgi", "-w", "1",
                       "--worker-connections", "3", "--header-timeout", "1", "--keepalive", "2",
+                      "--access-log", str(directory / "access.log"), "--log-format", "json",
                       env={"DISCONNECT_MARKER": str(directory / "disconnects")}) as appd:
         yield appd
 
@@ -47,6 +49,18 @@ def test_a_client_that_does_not_read_never_makes_the_worker_buffer(raw_appd):
         grown = worker_rss(raw_appd) - before
     assert grown < 32 * 1024 * 1024, f"the worker grew by {grown} bytes for a client that reads nothing"
     assert raw_appd.get("/")[0] == 200
+
+
+def test_access_log_line_per_request(raw_appd):
+    assert raw_appd.get("/logged?x=1")[0] == 200
+    log = raw_appd.tmp / "access.log"
+
+    def logged():
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        return [l for l in lines if l["path"] == "/logged?x=1"]
+    entry = wait_until(logged, 10, message="the access log line")[0]
+    assert entry["method"] == "GET" and entry["status"] == 200 and entry["bytes"] == len(b"raw v1 /logged")
+    assert entry["generation"] == raw_appd.serving_generation()["id"]
 
 
 def test_incomplete_request_head_is_answered_408(raw_appd):
