@@ -75,6 +75,11 @@ def check(cfg: config.Config) -> int:
             "if sys.argv[3]:\n"
             "    ok, status = ready_check(app, sys.argv[3])\n"
             "    if not ok: sys.exit(f'ready_check GET {sys.argv[3]} answered {status!r}')\n")
+    if cfg.worker_class == "asgi":  # load, lifespan and ready check as an asgi worker does
+        code = ("import sys, os\n"
+                "os.chdir(sys.argv[1]); sys.path.insert(0, os.getcwd())\n"
+                "from appd.asgi.loading import check\n"
+                f"check(sys.argv[2] or None, {bool(cfg.factory)}, sys.argv[3] or None)\n")
     try:
         result = subprocess.run([cfg.python, "-c", code, cfg.chdir, cfg.app or "", cfg.ready_check or ""],
                                 capture_output=True, text=True, timeout=cfg.boot_timeout)

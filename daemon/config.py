@@ -187,12 +187,16 @@ SETTINGS: list[Setting] = [
             "unix:PATH or fd://N (repeatable)", short="-b", metavar="ADDRESS"),
     Setting("workers", _int(1), 2, "number of worker processes", short="-w", metavar="N"),
     Setting("max_workers", _int(1), 64, "upper bound for `appdctl scale`", metavar="N"),
-    Setting("worker_class", _choice("sync", "gthread", "command"), "sync",
-            "sync (one request at a time), gthread (thread pool, keep-alive) or command (any program)",
-            metavar="CLASS"),
+    Setting("worker_class", _choice("sync", "gthread", "asgi", "command"), "sync",
+            "sync (one request at a time), gthread (thread pool, keep-alive), asgi (asyncio, ASGI 3 "
+            "apps, WebSockets) or command (any program)", metavar="CLASS"),
+    Setting("factory", _bool, False, "APP names a function that returns the app (asgi): "
+            "module:create_app", metavar="BOOL"),
     Setting("threads", _int(1), 1, "threads per worker (gthread)", metavar="N"),
-    Setting("worker_connections", _int(1), 1000, "most connections a gthread worker holds at once "
-            "(busy, waiting for a thread, or idle keep-alive)", metavar="N"),
+    Setting("worker_connections", _int(1), 1000, "most connections a gthread or asgi worker holds "
+            "at once (busy, waiting for a thread, or idle keep-alive)", metavar="N"),
+    Setting("websocket_drain_timeout", _seconds, 0.0, "seconds open WebSockets of a stopping asgi "
+            "worker keep working before they are closed with code 1012 (0: at once)", metavar="S"),
     Setting("command", _argv, [], "program each worker runs (worker_class = command); it gets the "
             "listeners as LISTEN_FDS", metavar="ARGV"),
     Setting("ready_delay", _seconds, 1.0, "seconds after which a command worker that never sends "

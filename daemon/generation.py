@@ -146,6 +146,7 @@ class Generation:
             rss, cpu = processes(worker["pid"])
             workers.append({"pid": worker["pid"], "state": worker["state"],
                             "age": round(now - worker["started_at"], 1), "requests": worker["requests"],
-                            "rss_bytes": rss, "cpu_percent": cpu})
+                            "rss_bytes": rss, "cpu_percent": cpu,
+                            "busy": worker.get("busy"), "request_age_s": worker.get("request_age_s")})
         return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
                 "ready_workers": self.snapshot.get("ready", 0), "workers": workers}

@@ -23,6 +23,8 @@ class WorkerHandle:
         self.ready_at: float | None = None
         self.last_heartbeat = self.spawned_at
         self.requests = 0
+        self.busy: int | None = None          # reported by workers that track it
+        self.request_age: float | None = None
         self.outgoing = False         # to be retired once a replacement is ready
         self.stop_sent_at: float | None = None
         self.kill_at: float | None = None   # SIGKILL if still alive then
@@ -63,6 +65,9 @@ class WorkerHandle:
                 self.heartbeats = True
             if "X_APPD_REQUESTS" in fields:
                 self.requests = int(fields["X_APPD_REQUESTS"] or 0)
+            if "X_APPD_BUSY" in fields:
+                self.busy = int(fields["X_APPD_BUSY"] or 0)
+                self.request_age = float(fields.get("X_APPD_REQUEST_AGE") or 0)
 
     def send(self, text: str) -> None:
         try:
@@ -95,8 +100,11 @@ class WorkerHandle:
         self.kill(signum)
 
     def describe(self) -> dict:
-        return {"pid": self.pid, "state": self.state, "started_at": self.started_wall,
-                "requests": self.requests}
+        described = {"pid": self.pid, "state": self.state, "started_at": self.started_wall,
+                     "requests": self.requests}
+        if self.busy is not None:
+            described.update(busy=self.busy, request_age_s=round(self.request_age, 3))
+        return described
 
     def close(self) -> None:
         self.sock.close()

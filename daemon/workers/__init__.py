@@ -9,6 +9,9 @@ def worker_class(name: str):
     if name == "gthread":
         from .gthread import ThreadWorker
         return ThreadWorker
+    if name == "asgi":
+        from .asgi import AsgiWorker
+        return AsgiWorker
     if name == "command":
         from .command import CommandWorker
         return CommandWorker

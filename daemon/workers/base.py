@@ -120,12 +120,15 @@ class Worker:
         except SystemExit:
             raise  # told to stop while booting
         except BaseException:
-            text = traceback.format_exc()
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            self.reporter.boot_error(text)
-            return 3
+            return self.fail_boot(traceback.format_exc())
         return 0
+
+    def fail_boot(self, text: str) -> int:
+        """Print why the worker cannot serve and tell the master (the rollback reason)."""
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        self.reporter.boot_error(text)
+        return 3
 
     def serve(self) -> None:
         raise NotImplementedError
@@ -152,7 +155,11 @@ class Worker:
         now = time.monotonic() if now is None else now
         if now - self.last_heartbeat >= 1.0:
             self.last_heartbeat = now
-            self.reporter.heartbeat(self.requests)
+            self.reporter.heartbeat(self.requests, *self.load_now())
+
+    def load_now(self) -> tuple:
+        """(busy, age of the oldest request in s) for status, or () if not tracked."""
+        return ()
 
     def until_next_heartbeat(self) -> float:
         """How long an idle wait may last so heartbeats stay about a second apart."""

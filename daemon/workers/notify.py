@@ -3,7 +3,8 @@ format (newline-separated KEY=VALUE in one datagram), so a program of any
 language that speaks sd_notify can be a worker.
 
 Keys: READY=1, WATCHDOG=1 (heartbeat), STATUS=..., and appd's own
-X_APPD_REQUESTS=n, X_APPD_BOOT_ERROR=<text to the end>.
+X_APPD_REQUESTS=n, X_APPD_BUSY=n and X_APPD_REQUEST_AGE=s (requests in
+progress, the oldest one's age), X_APPD_BOOT_ERROR=<text to the end>.
 The master answers a booting generation's workers with SERVE=1 at cutover,
 and sends HANDOFF=1 just before a graceful stop signal when the serving
 workers take this worker's idle connections (appd.handoff).
@@ -44,8 +45,11 @@ class Reporter:
     def ready(self) -> None:
         self.send("READY=1")
 
-    def heartbeat(self, requests: int) -> None:
-        self.send(f"WATCHDOG=1\nX_APPD_REQUESTS={requests}")
+    def heartbeat(self, requests: int, busy: int | None = None, request_age: float | None = None) -> None:
+        text = f"WATCHDOG=1\nX_APPD_REQUESTS={requests}"
+        if busy is not None:
+            text += f"\nX_APPD_BUSY={busy}\nX_APPD_REQUEST_AGE={request_age:.3f}"
+        self.send(text)
 
     def told_to_serve(self) -> bool:
         """Read the master's datagrams; True once it sent SERVE=1."""

@@ -21,12 +21,13 @@ from throughput import flask_throughput, gthread_throughput, hello_throughput
 
 # --- 3: zero downtime under load ------------------------------------------------
 
-def under_load(ctx: Context, server, operation, count: int, label: str) -> dict:
+def under_load(ctx: Context, server, operation, count: int, label: str, make_load=None) -> dict:
     """Run `operation` `count` times, one after the other, under continuous load
-    (32 closed-loop connections, a new connection per request), and account for
-    every request."""
-    with load.PyLoad(server.address, "/", connections=32, processes=4, timeout=30.0,
-                     max_seconds=600.0) as client:
+    (32 closed-loop connections, a new connection per request, unless make_load
+    makes another client), and account for every request."""
+    client = make_load(server.address) if make_load else load.PyLoad(
+        server.address, "/", connections=32, processes=4, timeout=30.0, max_seconds=600.0)
+    with client:
         time.sleep(1.0)  # load before the first operation: the baseline
         windows, seconds, op_errors = [], [], []
         for _ in range(count):
@@ -301,6 +302,11 @@ def scale_up(ctx: Context):
     return rows, raw
 
 
+def asgi(ctx: Context):
+    from asgi_bench import run  # imports this module: loaded on use
+    return run(ctx)
+
+
 SCENARIOS = {
     "hello": (hello_throughput, "1. hello-world WSGI throughput, 2 and 4 workers"),
     "flask": (flask_throughput, "2. Flask throughput, 2 and 4 workers"),
@@ -311,4 +317,5 @@ SCENARIOS = {
     "memory": (memory, "6. daemon RSS, worker USS/PSS"),
     "scale": (scale_up, "7. scale +1 to serving"),
     "keepalive": (keepalive_soak, "8. keep-alive clients through upgrades and reloads, direct and behind nginx/HAProxy"),
+    "asgi": (asgi, "9. ASGI: asgi worker vs uvicorn, granian, gunicorn+UvicornWorker; upgrades, WebSockets"),
 }
