@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import log
+from ..access import RequestLog
 from ..http import Connection
 from .base import Worker
 from .sync import server_info
@@ -30,7 +30,7 @@ class ThreadWorker(Worker):
         self.threads = cfg["threads"]
         self.keepalive = cfg["keepalive"]
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
-        self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
+        self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (connection, keep) from threads
         self.busy = 0                                         # connections handed to threads
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
