@@ -93,4 +93,8 @@ def switch_user(user: str | None, group: str | None, initgroups: bool, cfg: dict
         os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    stdlib = os.path.dirname(os.__file__)
+    if not os.access(stdlib, os.R_OK | os.X_OK):  # else: a puzzling ModuleNotFoundError later
+        raise SetupError(f"appd: user {user or uid} cannot read Python's standard library at {stdlib}; "
+                         "install the interpreter (and the venv) where that user can read it")
     log.get(role="master").info("running_as", uid=uid, gid=gid, groups=os.getgroups())

@@ -15,6 +15,7 @@ import ipaddress
 import socket
 import ssl
 import struct
+import time
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107  # the longest v1 line, CRLF included (the spec's number)
@@ -131,18 +132,34 @@ class ConnectionSetup:
 
 
 def read_proxy_header(sock: socket.socket, mode: str) -> tuple | None:
-    """Consume a PROXY header; the source address it names, or None (LOCAL / UNKNOWN)."""
+    """Consume a PROXY header; the source address it names, or None (LOCAL, UNKNOWN, or
+    no header in auto mode). v1 or v2 mode requires one."""
     previous = sock.gettimeout()
     sock.settimeout(PROXY_HEADER_TIMEOUT)
     try:
-        start = sock.recv(16, socket.MSG_PEEK)
-        if mode in ("v2", "auto") and start[:12] == V2_SIGNATURE[:len(start[:12])] and len(start) >= 12:
+        start = _peek_start(sock)
+        if mode in ("v2", "auto") and start.startswith(V2_SIGNATURE):
             return _read_v2(sock)
         if mode in ("v1", "auto") and start.startswith(b"PROXY "):
             return _read_v1(sock)
+        if mode == "auto":
+            return None
         raise ProxyProtocolError(f"expected a PROXY protocol {mode} header")
     finally:
         sock.settimeout(previous)
+
+
+def _peek_start(sock: socket.socket) -> bytes:
+    """The first 16 bytes, or fewer once they cannot begin a PROXY header (e.g. a TLS hello)."""
+    deadline = time.monotonic() + PROXY_HEADER_TIMEOUT
+    while True:
+        start = sock.recv(16, socket.MSG_PEEK)
+        maybe = V2_SIGNATURE.startswith(start[:12]) or b"PROXY ".startswith(start[:6])
+        if not start or len(start) >= 16 or not maybe:
+            return start
+        if time.monotonic() > deadline:
+            raise ProxyProtocolError("PROXY header cut short")
+        time.sleep(0.002)  # the rest of a header split across packets is on its way
 
 
 def _recv_exactly(sock: socket.socket, count: int) -> bytes:
