@@ -49,10 +49,10 @@ def flags_from(namespace: argparse.Namespace) -> dict:
     translation = gunicorn.translate(gunicorn.flags_from(namespace), "command line")
     if translation.refused:
         raise config.ConfigError("gunicorn flags appd cannot honour:\n  " + "\n  ".join(translation.refused))
-    flags = {**translation.values, **{s.name: getattr(namespace, s.name) for s in config.SETTINGS}}
+    flags = {s.name: getattr(namespace, s.name) for s in config.SETTINGS}
     if namespace.app_positional:
         flags["app"] = namespace.app_positional
-    return {k: v for k, v in flags.items() if v is not None}
+    return {**translation.values, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def main(argv: list[str] | None = None) -> int:

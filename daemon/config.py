@@ -320,7 +320,7 @@ SETTINGS: list[Setting] = [
     Setting("capture_output", _bool, False, "send the app's stdout and stderr to error_log",
             metavar="BOOL", needs_upgrade=True),
     Setting("logconfig_dict", _json_table, {}, "logging.config.dictConfig() applied in generations "
-            "(the app's stdlib logging)", metavar="JSON"),
+            "(the app's stdlib logging)", metavar="JSON", needs_upgrade=True),
     # TLS on every TCP listener: the daemon holds plain sockets, workers wrap them.
     Setting("certfile", _optional_str, None, "TLS certificate (PEM); re-read by reload", metavar="FILE"),
     Setting("keyfile", _optional_str, None, "TLS private key (PEM)", metavar="FILE"),
