@@ -229,3 +229,11 @@ def test_forwarded_headers_are_believed_from_trusted_peers_only():
     # the client cannot pose as a proxy hop behind a trusted one: the rightmost untrusted address wins
     spoof = proxied("127.0.0.1", X_FORWARDED_FOR="6.6.6.6, 203.0.113.8")
     assert spoof["REMOTE_ADDR"] == "203.0.113.8"
+
+
+def test_readme_gunicorn_table_is_current():
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("-->\n", readme.index("<!-- gunicorn table")) + 4
+    end = readme.index("\n<!-- end of gunicorn table -->")
+    assert readme[start:end] == table_markdown(), "run `python -m appd.gunicorn --table` and paste it"
