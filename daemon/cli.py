@@ -25,6 +25,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         elif setting.repeatable:
             parser.add_argument(*names, dest=setting.name, action="append", metavar=setting.metavar,
                                 help=help_text)
+        elif setting.parse is config._proxy_protocol:  # gunicorn's bare --proxy-protocol means auto
+            parser.add_argument(*names, dest=setting.name, nargs="?", const="auto", metavar=setting.metavar,
+                                help=help_text)
         else:
             parser.add_argument(*names, dest=setting.name, metavar=setting.metavar, help=help_text)
     gunicorn.add_flags(parser)  # -k, --keep-alive, --access-logfile, --pid, ... (same settings)

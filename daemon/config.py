@@ -405,7 +405,8 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
     notes: list[str] = []
     if environ.get("WEB_CONCURRENCY"):  # gunicorn's default for workers, below every file
         _apply(values, sources, "workers", environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY")
-    config_path = flags.get("config") or environ.get(BY_NAME["config"].env) or gunicorn.found_config()
+    config_path = (flags.get("config") or environ.get(BY_NAME["config"].env)
+                   or gunicorn.cmd_args_config(environ) or gunicorn.found_config())
     if config_path:
         _apply(values, sources, "config", config_path, _config_source(flags, environ))
         if config_path.endswith(".py"):
@@ -430,7 +431,9 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
 def _config_source(flags: dict, environ) -> str:
     if "config" in flags:
         return "command line"
-    return "environment" if BY_NAME["config"].env in environ else "found in the current directory"
+    if BY_NAME["config"].env in environ:
+        return "environment"
+    return "GUNICORN_CMD_ARGS" if "GUNICORN_CMD_ARGS" in environ else "found in the current directory"
 
 
 def _apply_translation(values: dict, sources: dict, notes: list, translation) -> None:

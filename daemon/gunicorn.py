@@ -425,8 +425,19 @@ class _CmdArgsParser(argparse.ArgumentParser):
 
 
 def cmd_args(environ) -> Translation | None:
+    """GUNICORN_CMD_ARGS as appd settings; its -c (if any) was used to find the file."""
     text = environ.get("GUNICORN_CMD_ARGS")
-    return translate(parse_cmd_args(text), "GUNICORN_CMD_ARGS") if text else None
+    if not text:
+        return None
+    given = parse_cmd_args(text)
+    given.pop("config", None)
+    return translate(given, "GUNICORN_CMD_ARGS")
+
+
+def cmd_args_config(environ) -> str | None:
+    """The config file GUNICORN_CMD_ARGS names with -c, as gunicorn honours it."""
+    text = environ.get("GUNICORN_CMD_ARGS")
+    return parse_cmd_args(text).get("config") if text else None
 
 
 if __name__ == "__main__":

@@ -101,15 +101,15 @@ class CfgView:
         self._cfg = cfg
 
     def __getattr__(self, name):
-        from .gunicorn import BY_GUNICORN
+        from .gunicorn import _ANY, BY_GUNICORN
         if name.startswith("_"):
             raise AttributeError(name)
         row = BY_GUNICORN.get(name)
         key = row.appd if row is not None and row.appd else name
         if key in self._cfg:
             return self._cfg[key]
-        if row is not None and row.default is not None and not callable(row.default):
-            return row.default
+        if row is not None and row.kind != "honoured" and row.default not in (None, _ANY):
+            return row.default  # a refused or not-applicable setting: gunicorn's default stands
         raise AttributeError(name)
 
     @property

@@ -127,8 +127,8 @@ def test_gunicorn_flag_spellings(tmp_path):
                       "/tmp/e.log", "-e", "A=1", "-e", "B=2", "-n", "shop", "-u", "nobody", "-g", "nogroup",
                       "--pid", "/tmp/p.pid", "--preload", "--forwarded-allow-ips", "*", "--certfile", "c.pem",
                       "--keyfile", "k.pem", "--capture-output", "--log-level", "debug", "--max-requests", "9",
-                      "--chdir", str(tmp_path), "--worker-connections", "10", "-m", "022",
-                      "--proxy-protocol", "auto", "--limit-request-field_size", "100", "app:app")
+                      "--chdir", str(tmp_path), "--worker-connections", "10", "-m", "022", "--proxy-protocol",
+                      "--limit-request-field_size", "100", "app:app")
     cfg = config.load(flags, {})
     assert (cfg.worker_class, cfg.keepalive, cfg.access_log, cfg.error_log, cfg.raw_env, cfg.proc_name,
             cfg.user, cfg.group, cfg.pidfile, cfg.preload_app, cfg.forwarded_allow_ips, cfg.certfile,
@@ -237,3 +237,17 @@ def test_readme_gunicorn_table_is_current():
     start = readme.index("-->\n", readme.index("<!-- gunicorn table")) + 4
     end = readme.index("\n<!-- end of gunicorn table -->")
     assert readme[start:end] == table_markdown(), "run `python -m appd.gunicorn --table` and paste it"
+
+
+def test_gunicorn_cmd_args_may_name_the_config_file(tmp_path):
+    path = write(tmp_path, "g.conf.py", "workers = 3\n")
+    cfg = config.load({}, {"GUNICORN_CMD_ARGS": f"-c {path} --timeout 12"})
+    assert (cfg.config, cfg.workers, cfg.timeout) == (path, 3, 12.0)
+
+
+def test_hook_adapters_answer_by_gunicorn_names():
+    from appd.hooks import CfgView
+    cfg = CfgView({"access_log": "-", "log_level": "info", "workers": 4, "raw_env": ["A=1"]})
+    assert (cfg.accesslog, cfg.loglevel, cfg.workers, cfg.env, cfg.daemon) == ("-", "info", 4, {"A": "1"}, False)
+    with pytest.raises(AttributeError):
+        cfg.ssl_context
