@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import http_get, wait_until
+from conftest import Background, http_get, wait_until
 
 CONFIGS = Path(__file__).resolve().parent / "gunicorn_configs"
 
@@ -198,6 +198,17 @@ def test_most_hooks_are_called_at_gunicorn_moments(start_appd, tmp_path):
     assert appd.ctl("stop").returncode == 0  # quick stop: SIGQUIT, gunicorn's worker_int
     appd.proc.wait(20)
     assert serving <= {int(m[0]) for m in markers(tmp_path, "worker_int")}
+
+
+def test_worker_abort_when_the_master_times_a_worker_out(start_appd, tmp_path):
+    appd = start_appd("-c", conf("hooks_everywhere"), "-w", "1", "--timeout", "3",
+                      env={"MARKERS": str(tmp_path)})
+    (hung,) = {w["pid"] for w in appd.serving_generation()["workers"]}
+    request = Background(appd.address, "/hang", timeout=30)
+    wait_until(lambda: [m[0] for m in markers(tmp_path, "worker_abort")] == [str(hung)], timeout=30,
+               message="worker_abort in the hung worker")
+    request.join()
+    assert str(hung) in {m[1] for m in markers(tmp_path, "child_exit")}
 
 
 def test_prometheus_multiprocess_with_child_exit(start_appd, tmp_path):

@@ -9,6 +9,9 @@ from flask import Flask, request, url_for
 
 def whoami(environ, start_response):
     """Who serves, as whom, and what the request looked like after the proxy layer."""
+    if environ["PATH_INFO"] == "/hang":
+        import time
+        time.sleep(60)  # until the master's timeout aborts this worker
     if environ["PATH_INFO"] == "/log":
         logging.getLogger("shop.orders").info("order placed %s", environ.get("QUERY_STRING"))
         print("printed by the app", flush=True)

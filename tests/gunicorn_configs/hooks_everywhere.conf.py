@@ -51,6 +51,10 @@ def worker_int(worker):
     mark("worker_int", worker.pid)
 
 
+def worker_abort(worker):
+    mark("worker_abort", worker.pid)
+
+
 def nworkers_changed(server, new_value, old_value):
     mark("nworkers_changed", new_value, old_value)
 
