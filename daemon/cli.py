@@ -8,7 +8,7 @@ import argparse
 import subprocess
 import sys
 
-from . import __version__, config, gunicorn
+from . import __version__, config, gunicorn, gunicorn_sources
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,7 +30,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
         else:
             parser.add_argument(*names, dest=setting.name, metavar=setting.metavar, help=help_text)
-    gunicorn.add_flags(parser)  # -k, --keep-alive, --access-logfile, --pid, ... (same settings)
+    gunicorn_sources.add_flags(parser)  # -k, --keep-alive, --access-logfile, --pid, ... (same settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flags_from(namespace: argparse.Namespace) -> dict:
     """appd-named flags; gunicorn's spellings are translated (and refused) like its config file."""
-    translation = gunicorn.translate(gunicorn.flags_from(namespace), "command line")
+    translation = gunicorn.translate(gunicorn_sources.flags_from(namespace), "command line")
     if translation.refused:
         raise config.ConfigError("gunicorn flags appd cannot honour:\n  " + "\n  ".join(translation.refused))
     flags = {s.name: getattr(namespace, s.name) for s in config.SETTINGS}

@@ -398,7 +398,7 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
     """Build the effective config. `flags` maps setting names to values given on the command line.
     gunicorn's layers (WEB_CONCURRENCY, gunicorn.conf.py, GUNICORN_CMD_ARGS) sit in between:
     see daemon/gunicorn.py for the order."""
-    from . import gunicorn
+    from . import gunicorn_sources
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
@@ -406,17 +406,17 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
     if environ.get("WEB_CONCURRENCY"):  # gunicorn's default for workers, below every file
         _apply(values, sources, "workers", environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY")
     config_path = (flags.get("config") or environ.get(BY_NAME["config"].env)
-                   or gunicorn.cmd_args_config(environ) or gunicorn.found_config())
+                   or gunicorn_sources.cmd_args_config(environ) or gunicorn_sources.found_config())
     if config_path:
         _apply(values, sources, "config", config_path, _config_source(flags, environ))
         if config_path.endswith(".py"):
-            _apply_translation(values, sources, notes, gunicorn.settings_from_python(config_path))
+            _apply_translation(values, sources, notes, gunicorn_sources.settings_from_python(config_path))
         else:
             for name, raw in read_file(config_path).items():
                 if name not in BY_NAME or name in _NOT_IN_FILE:
                     raise ConfigError(f"unknown setting {name!r} in {config_path}")
                 _apply(values, sources, name, raw, config_path)
-    _apply_translation(values, sources, notes, gunicorn.cmd_args(environ))
+    _apply_translation(values, sources, notes, gunicorn_sources.cmd_args(environ))
     for setting in SETTINGS:
         if setting.env in environ and setting.name != "config":
             _apply(values, sources, setting.name, environ[setting.env], setting.env)

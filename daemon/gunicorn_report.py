@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import gunicorn
+from . import gunicorn, gunicorn_sources
 from .config import BY_NAME, ConfigError
 
 _FATES = (gunicorn.HONOURED, gunicorn.REFUSED, gunicorn.NOT_APPLICABLE)
@@ -31,7 +31,7 @@ def table_markdown() -> str:
 def migrate(path: str) -> int:
     """Print the appd.toml equivalent of a gunicorn.conf.py; what appd cannot carry goes to stderr."""
     try:
-        settings = gunicorn.read_python_config(path)
+        settings = gunicorn_sources.read_python_config(path)
     except ConfigError as exc:
         print(f"appd migrate: {exc}", file=sys.stderr)
         return 2
