@@ -398,18 +398,19 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
     """Build the effective config. `flags` maps setting names to values given on the command line.
     gunicorn's layers (WEB_CONCURRENCY, gunicorn.conf.py, GUNICORN_CMD_ARGS) sit in between:
     see daemon/gunicorn.py for the order."""
-    from . import gunicorn_sources
+    from . import gunicorn, gunicorn_sources
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
     notes: list[str] = []
-    if environ.get("WEB_CONCURRENCY"):  # gunicorn's default for workers, below every file
-        _apply(values, sources, "workers", environ["WEB_CONCURRENCY"], "WEB_CONCURRENCY")
+    for variable, name in gunicorn.ENV_DEFAULTS.items():  # WEB_CONCURRENCY: below every file
+        if environ.get(variable):
+            _apply(values, sources, name, environ[variable], variable)
     config_path = (flags.get("config") or environ.get(BY_NAME["config"].env)
                    or gunicorn_sources.cmd_args_config(environ) or gunicorn_sources.found_config())
     if config_path:
         _apply(values, sources, "config", config_path, _config_source(flags, environ))
-        if config_path.endswith(".py"):
+        if gunicorn_sources.is_python_config(config_path):
             _apply_translation(values, sources, notes, gunicorn_sources.settings_from_python(config_path))
         else:
             for name, raw in read_file(config_path).items():

@@ -12,9 +12,10 @@ Nothing is ignored silently. Where the values come from (the config file,
 flags, GUNICORN_CMD_ARGS) is gunicorn_sources.py; the table for people and
 `appd migrate` are gunicorn_report.py.
 
-Precedence, lowest first: defaults < WEB_CONCURRENCY (gunicorn's default for
-workers) < the config file (appd.toml or gunicorn.conf.py) < GUNICORN_CMD_ARGS
-< APPD_* variables < command-line flags (appd's or gunicorn's spellings).
+Precedence, lowest first: defaults < WEB_CONCURRENCY and FORWARDED_ALLOW_IPS
+(gunicorn's defaults for workers and forwarded_allow_ips) < the config file
+(appd.toml, gunicorn.conf.py or python:module) < GUNICORN_CMD_ARGS < APPD_*
+variables < command-line flags (appd's or gunicorn's spellings).
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ ROWS: list[Row] = [
        "restrict it with control_socket_mode and control_allow_uids", action="store_true"),
 ]
 BY_GUNICORN = {row.name: row for row in ROWS}
+# Variables gunicorn reads for its defaults: below every config file.
+ENV_DEFAULTS = {"WEB_CONCURRENCY": "workers", "FORWARDED_ALLOW_IPS": "forwarded_allow_ips"}
 
 
 @dataclass

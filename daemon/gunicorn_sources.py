@@ -6,6 +6,7 @@ gunicorn names, translated by gunicorn.translate() through the one table."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import shlex
@@ -13,6 +14,7 @@ import traceback
 
 from .gunicorn import _HOOKS, BY_GUNICORN, DEFAULT_FILE, HONOURED, ROWS, Row, Translation, translate
 
+MODULE_PREFIX = "python:"
 # Setting names a gunicorn.conf.py shares with module-level helpers too often to be read as appd's own.
 _NOT_APPD_EXTRAS = {"config", "app", "command", "python"}
 
@@ -28,8 +30,10 @@ def read_python_config(path: str) -> dict:
     Callables (hooks) become `/abs/path.py:name` specs, which appd resolves by running the
     file again in the process that calls them (as gunicorn's re-exec'd master does)."""
     from .config import BY_NAME, ConfigError
-    namespace = _execute(path)
-    absolute = os.path.abspath(path)
+    if path.startswith(MODULE_PREFIX):  # gunicorn's -c python:package.module
+        namespace, where = _import(path[len(MODULE_PREFIX):]), path[len(MODULE_PREFIX):]
+    else:
+        namespace, where = _execute(path), os.path.abspath(path)
     settings = {}
     for name, value in namespace.items():
         known = name in BY_GUNICORN or (name in BY_NAME and name not in _NOT_APPD_EXTRAS)
@@ -38,9 +42,22 @@ def read_python_config(path: str) -> dict:
         if callable(value):
             if name not in _HOOKS and BY_GUNICORN.get(name, Row(name)).kind == HONOURED:
                 raise ConfigError(f"{name} in {path} is a callable; it must be a value")
-            value = f"{absolute}:{name}"
+            value = f"{where}:{name}"
         settings[name] = value
     return settings
+
+
+def is_python_config(path: str) -> bool:
+    return path.endswith(".py") or path.startswith(MODULE_PREFIX)
+
+
+def _import(module_name: str) -> dict:
+    from .config import ConfigError
+    try:
+        return vars(importlib.import_module(module_name))
+    except BaseException as exc:
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise ConfigError(f"config module {module_name} failed to import: {last}") from None
 
 
 def _execute(path: str) -> dict:

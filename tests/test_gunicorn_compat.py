@@ -251,3 +251,11 @@ def test_hook_adapters_answer_by_gunicorn_names():
     assert (cfg.accesslog, cfg.loglevel, cfg.workers, cfg.env, cfg.daemon) == ("-", "info", 4, {"A": "1"}, False)
     with pytest.raises(AttributeError):
         cfg.ssl_context
+
+
+def test_config_as_a_python_module_and_gunicorn_env_defaults(tmp_path, monkeypatch):
+    (tmp_path / "shop_gunicorn_conf.py").write_text("workers = 3\ndef when_ready(server):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config.load({"config": "python:shop_gunicorn_conf"}, {"FORWARDED_ALLOW_IPS": "10.0.0.0/8"})
+    assert (cfg.workers, cfg.when_ready) == (3, "shop_gunicorn_conf:when_ready")
+    assert (cfg.forwarded_allow_ips, cfg.sources["forwarded_allow_ips"]) == (["10.0.0.0/8"], "FORWARDED_ALLOW_IPS")
