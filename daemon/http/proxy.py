@@ -65,9 +65,14 @@ class ProxyRules:
         self.secure = [("HTTP_" + name.upper().replace("-", "_"), value.lower())
                        for name, value in (cfg.get("secure_scheme_headers") or {}).items()]
         self.forwarders = [name.upper() for name in cfg.get("forwarder_headers") or []]
+        # The headers that matter: most requests carry none, and cost one scan of this tuple.
+        self.watched = tuple({key for key, _ in self.secure} | {"HTTP_X_FORWARDED_FOR"}
+                             | {"HTTP_" + name for name in self.forwarders})
 
     def apply(self, environ: dict) -> None:
         """Rewrite REMOTE_ADDR, wsgi.url_scheme and the forwarder variables for a trusted peer."""
+        if not any(map(environ.__contains__, self.watched)):
+            return
         if environ.get("REMOTE_ADDR", "") not in self.trusted:
             return
         self._scheme(environ)
