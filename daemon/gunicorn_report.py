@@ -60,6 +60,8 @@ def to_toml(values: dict) -> str:
     """A flat TOML document; tables (e.g. logconfig_dict) as [sections] after the scalars."""
     lines, tables = [], []
     for name, value in values.items():
+        if value is None:
+            continue  # TOML has no null: unset is the default
         if isinstance(value, dict):
             tables.append((name, value))
         else:

@@ -152,7 +152,7 @@ def test_migrate_prints_an_equivalent_appd_toml(tmp_path):
     path = write(tmp_path, "gunicorn.conf.py", "bind = ['127.0.0.1:9000', 'unix:/run/shop.sock']\n"
                  "workers = 4\nthreads = 2\naccesslog = '-'\nsecure_scheme_headers = {'X-PROTO': 'https'}\n"
                  "logconfig_dict = {'version': 1, 'loggers': {'shop': {'level': 'INFO'}}}\n"
-                 "daemon = True\nworker_tmp_dir = '/dev/shm'\n"
+                 "daemon = True\nworker_tmp_dir = '/dev/shm'\npidfile = None\n"
                  "def when_ready(server):\n    pass\n")
     result = subprocess.run([APPD, "migrate", path], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -162,7 +162,7 @@ def test_migrate_prints_an_equivalent_appd_toml(tmp_path):
     assert original["workers"] == 4 and migrated.bind == ["127.0.0.1:9000", "unix:/run/shop.sock"]
     assert migrated.logconfig_dict == {"version": 1, "loggers": {"shop": {"level": "INFO"}}}
     assert migrated.secure_scheme_headers == {"X-PROTO": "https"} and migrated.access_log == "-"
-    assert migrated.when_ready == f"{path}:when_ready"
+    assert migrated.when_ready == f"{path}:when_ready" and migrated.pidfile is None
     assert "daemon = True" in result.stderr and "worker_tmp_dir" in result.stderr
 
 
