@@ -8,7 +8,7 @@ import argparse
 import subprocess
 import sys
 
-from . import __version__, config
+from . import __version__, config, gunicorn, gunicorn_sources
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -18,15 +18,19 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                         help="WSGI app as module:attribute (default: the built-in demo app)")
     for setting in config.SETTINGS:
         names = [setting.flag] + ([setting.short] if setting.short else [])
-        help_text = f"{setting.help} [{setting.env}]"
+        help_text = f"{setting.help} [{setting.env}]".replace("%", "%%")  # argparse formats help
         if setting.parse is config._bool:
             parser.add_argument(*names, dest=setting.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
-        elif setting.name == "bind":
+        elif setting.repeatable:
             parser.add_argument(*names, dest=setting.name, action="append", metavar=setting.metavar,
+                                help=help_text)
+        elif setting.parse is config._proxy_protocol:  # gunicorn's bare --proxy-protocol means auto
+            parser.add_argument(*names, dest=setting.name, nargs="?", const="auto", metavar=setting.metavar,
                                 help=help_text)
         else:
             parser.add_argument(*names, dest=setting.name, metavar=setting.metavar, help=help_text)
+    gunicorn_sources.add_flags(parser)  # -k, --keep-alive, --access-logfile, --pid, ... (same settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,30 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and import the app in a child process")
     for command in (start, check):
         _add_settings(command)
+    migrate = sub.add_parser("migrate", help="print the appd.toml equivalent of a gunicorn.conf.py "
+                             "and what it could not carry over")
+    migrate.add_argument("file", metavar="GUNICORN_CONF_PY")
     return parser
 
 
 def flags_from(namespace: argparse.Namespace) -> dict:
+    """appd-named flags; gunicorn's spellings are translated (and refused) like its config file."""
+    translation = gunicorn.translate(gunicorn_sources.flags_from(namespace), "command line")
+    if translation.refused:
+        raise config.ConfigError("gunicorn flags appd cannot honour:\n  " + "\n  ".join(translation.refused))
     flags = {s.name: getattr(namespace, s.name) for s in config.SETTINGS}
     if namespace.app_positional:
         flags["app"] = namespace.app_positional
-    return {k: v for k, v in flags.items() if v is not None}
+    return {**translation.values, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    flags = flags_from(args)
+    if args.subcommand == "migrate":
+        from .gunicorn_report import migrate
+        return migrate(args.file)
+    if getattr(args, "gunicorn.check_config", None):
+        args.subcommand = "check"  # gunicorn --check-config
     if args.subcommand == "start":
         from . import reexec
         state = reexec.read_state()
         if state is not None:  # re-exec'd in place: the running config, never the file on disk
             return start(*reexec.config_of(state), state=state)
     try:
+        flags = flags_from(args)
         cfg = config.load(flags)
     except config.ConfigError as exc:
         print(f"appd: invalid configuration: {exc}", file=sys.stderr)
         # check's verdict is 0 or 1 (the contract); start refuses like a usage error
         return EXIT_FAILED if args.subcommand == "check" else EXIT_USAGE
+    for note in cfg.notes:
+        print(f"appd: {note}", file=sys.stderr)
     if args.subcommand == "check":
         return check(cfg)
     return start(cfg, flags)

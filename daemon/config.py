@@ -145,6 +145,65 @@ def _hook(value):
     return value
 
 
+def _str_map(value):
+    """A TOML table of strings, or `NAME=VALUE,NAME=VALUE` from a flag or the environment."""
+    if isinstance(value, str):
+        pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"{value!r} is not a list of NAME=VALUE pairs")
+        value = {name.strip(): text.strip() for name, text in pairs}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{value!r} is not a table of strings")
+    return {str(k): v for k, v in value.items()}
+
+
+def _json_table(value):
+    """A TOML table, or the same as JSON text from a flag or the environment."""
+    if isinstance(value, str):
+        import json
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{value!r} is not a table")
+    return value
+
+
+def _env_list(value):
+    """NAME=VALUE strings (gunicorn's raw_env)."""
+    pairs = _str_list(value) if isinstance(value, str) else _str_list(list(value))
+    for pair in pairs:
+        if "=" not in pair or not pair.split("=", 1)[0]:
+            raise ValueError(f"{pair!r} is not of the form NAME=VALUE")
+    return pairs
+
+
+def _umask(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value, 0) if value.lower().startswith("0o") else int(value, 8)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an octal umask such as 0o022") from None
+    return _mode(value)
+
+
+def _cert_reqs(value):
+    names = {"none": 0, "optional": 1, "required": 2}
+    if isinstance(value, str) and value.lower() in names:
+        return names[value.lower()]
+    return _int(0, 2)(value)
+
+
+def _proxy_protocol(value):
+    """off, v1, v2 or auto; gunicorn's older true/false mean auto/off."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return "auto" if _bool(value) else "off"
+    return _choice("off", "v1", "v2", "auto")(value)
+
+
 def _bind(value):
     from .listeners import parse_address
     addresses = _str_list(value)
@@ -165,6 +224,8 @@ class Setting:
     metavar: str = "VALUE"
     # Settings that only take effect when a new generation starts (upgrade).
     needs_upgrade: bool = False
+    # A flag that may be given several times, each adding to the list.
+    repeatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -184,7 +245,7 @@ SETTINGS: list[Setting] = [
     Setting("app", _optional_str, None, "WSGI app as module:attribute (default: the built-in demo app)",
             metavar="MODULE:APP"),
     Setting("bind", _bind, ["127.0.0.1:8000"], "addresses to listen on: HOST:PORT, [V6]:PORT, "
-            "unix:PATH or fd://N (repeatable)", short="-b", metavar="ADDRESS"),
+            "unix:PATH or fd://N (repeatable)", short="-b", metavar="ADDRESS", repeatable=True),
     Setting("workers", _int(1), 2, "number of worker processes", short="-w", metavar="N"),
     Setting("max_workers", _int(1), 64, "upper bound for `appdctl scale`", metavar="N"),
     Setting("worker_class", _choice("sync", "gthread", "asgi", "command"), "sync",
@@ -243,10 +304,75 @@ SETTINGS: list[Setting] = [
     Setting("access_log", _optional_str, None, "access log file, '-' for stderr (default: none)",
             metavar="FILE"),
     Setting("error_log", _str, "-", "log file, '-' for stderr", metavar="FILE"),
-    Setting("post_fork", _hook, None, "called in each worker after fork: f(worker)", metavar="MOD:FUNC"),
-    Setting("worker_exit", _hook, None, "called in each worker as it exits: f(worker)", metavar="MOD:FUNC"),
+    Setting("post_fork", _hook, None, "called in each worker after fork: f(worker), or gunicorn's "
+            "f(server, worker)", metavar="MOD:FUNC"),
+    Setting("worker_exit", _hook, None, "called in each worker as it exits: f(worker), or gunicorn's "
+            "f(server, worker)", metavar="MOD:FUNC"),
     Setting("on_ready", _hook, None, "called in the master when its generation is ready: f(master)",
             metavar="MOD:FUNC"),
+    # Proxies: what a trusted peer may say about the client (gunicorn's names and defaults).
+    Setting("forwarded_allow_ips", _str_list, ["127.0.0.1", "::1"], "peers (addresses, CIDR "
+            "networks or *) whose X-Forwarded-* and forwarder headers are believed", metavar="IPS"),
+    Setting("secure_scheme_headers", _str_map, {"X-FORWARDED-PROTOCOL": "ssl", "X-FORWARDED-PROTO": "https",
+            "X-FORWARDED-SSL": "on"}, "headers (NAME=VALUE) by which a trusted proxy says the client used "
+            "https", metavar="H=V,..."),
+    Setting("forwarder_headers", _str_list, ["SCRIPT_NAME", "PATH_INFO"], "environ variables a trusted "
+            "proxy may set by sending a header of the same name", metavar="NAMES"),
+    Setting("proxy_protocol", _proxy_protocol, "off", "expect a PROXY protocol header (off, v1, v2 or "
+            "auto) from proxy_allow_ips peers", metavar="MODE"),
+    Setting("proxy_allow_ips", _str_list, ["127.0.0.1", "::1"], "peers allowed to send a PROXY "
+            "protocol header", metavar="IPS"),
+    # Process: who and where the generations run.
+    Setting("user", _optional_str, None, "user (name or uid) generations and workers run as; the daemon "
+            "keeps its own (e.g. root, holding the listeners)", short="-u", metavar="USER",
+            needs_upgrade=True),
+    Setting("group", _optional_str, None, "group (name or gid) generations and workers run as",
+            short="-g", metavar="GROUP", needs_upgrade=True),
+    Setting("umask", _umask, None, "umask of generations and workers, e.g. 0o027 (default: inherited)",
+            metavar="MASK", needs_upgrade=True),
+    Setting("initgroups", _bool, False, "also take the user's supplementary groups", metavar="BOOL",
+            needs_upgrade=True),
+    Setting("raw_env", _env_list, [], "NAME=VALUE set in the environment of generations (repeatable)",
+            short="-e", metavar="NAME=VALUE", needs_upgrade=True, repeatable=True),
+    Setting("pythonpath", _optional_str, None, "comma-separated directories put first on sys.path",
+            metavar="DIRS", needs_upgrade=True),
+    Setting("proc_name", _optional_str, None, "name shown in process titles", short="-n", metavar="NAME",
+            needs_upgrade=True),
+    # Logging, gunicorn style.
+    Setting("access_log_format", _optional_str, None, "access log line with gunicorn's atoms, e.g. "
+            "'%(h)s \"%(r)s\" %(s)s %(b)s %(D)s' (JSON mode: the same atoms as keys)", metavar="FORMAT"),
+    Setting("capture_output", _bool, False, "send the app's stdout and stderr to error_log",
+            metavar="BOOL", needs_upgrade=True),
+    Setting("logconfig_dict", _json_table, {}, "logging.config.dictConfig() applied in generations "
+            "(the app's stdlib logging)", metavar="JSON", needs_upgrade=True),
+    # TLS on every TCP listener: the daemon holds plain sockets, workers wrap them.
+    Setting("certfile", _optional_str, None, "TLS certificate (PEM); re-read by reload", metavar="FILE"),
+    Setting("keyfile", _optional_str, None, "TLS private key (PEM)", metavar="FILE"),
+    Setting("ca_certs", _optional_str, None, "CA certificates for client certificates", metavar="FILE"),
+    Setting("cert_reqs", _cert_reqs, 0, "client certificate: 0 none, 1 optional, 2 required",
+            metavar="N"),
+    Setting("ciphers", _optional_str, None, "OpenSSL cipher list (default: Python's)", metavar="CIPHERS"),
+    # gunicorn's hooks, with gunicorn's signatures (see daemon/hooks.py).
+    Setting("on_starting", _hook, None, "master, first thing: f(server)", metavar="MOD:FUNC"),
+    Setting("when_ready", _hook, None, "master, before it spawns its workers: f(server)",
+            metavar="MOD:FUNC"),
+    Setting("on_reload", _hook, None, "master, when a reload replaces its workers: f(server)",
+            metavar="MOD:FUNC"),
+    Setting("pre_fork", _hook, None, "master, before each fork: f(server, worker)", metavar="MOD:FUNC"),
+    Setting("post_worker_init", _hook, None, "worker, after the app is loaded: f(worker)",
+            metavar="MOD:FUNC"),
+    Setting("pre_request", _hook, None, "worker, before each request: f(worker, req)", metavar="MOD:FUNC"),
+    Setting("post_request", _hook, None, "worker, after each request: f(worker, req, environ, resp)",
+            metavar="MOD:FUNC"),
+    Setting("child_exit", _hook, None, "master, after a worker exited: f(server, worker)",
+            metavar="MOD:FUNC"),
+    Setting("worker_int", _hook, None, "worker, on SIGINT or SIGQUIT: f(worker)", metavar="MOD:FUNC"),
+    Setting("worker_abort", _hook, None, "worker, on SIGABRT (timeout): f(worker)", metavar="MOD:FUNC"),
+    Setting("nworkers_changed", _hook, None, "master, when its target changes: f(server, new, old)",
+            metavar="MOD:FUNC"),
+    Setting("pre_exec", _hook, None, "new master of an upgrade, before anything else: f(server)",
+            metavar="MOD:FUNC"),
+    Setting("on_exit", _hook, None, "master, as it exits: f(server)", metavar="MOD:FUNC"),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
 # Options of `appd start` that name the file itself are not read from the file.
@@ -257,6 +383,7 @@ _NOT_IN_FILE = {"config"}
 class Config:
     values: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # setting name -> where its value came from
+    notes: list = field(default_factory=list)  # lines to show at start (gunicorn settings not needed)
 
     def __getattr__(self, name):
         try:
@@ -298,17 +425,29 @@ def read_file(path: str) -> dict:
 
 
 def load(flags: dict | None = None, environ=os.environ) -> Config:
-    """Build the effective config. `flags` maps setting names to values given on the command line."""
+    """Build the effective config. `flags` maps setting names to values given on the command line.
+    gunicorn's layers (WEB_CONCURRENCY, gunicorn.conf.py, GUNICORN_CMD_ARGS) sit in between:
+    see daemon/gunicorn.py for the order."""
+    from . import gunicorn, gunicorn_sources
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values = {s.name: s.default for s in SETTINGS}
     sources = {s.name: "default" for s in SETTINGS}
-    config_path = flags.get("config") or environ.get(BY_NAME["config"].env)
+    notes: list[str] = []
+    for variable, name in gunicorn.ENV_DEFAULTS.items():  # WEB_CONCURRENCY: below every file
+        if environ.get(variable):
+            _apply(values, sources, name, environ[variable], variable)
+    config_path = (flags.get("config") or environ.get(BY_NAME["config"].env)
+                   or gunicorn_sources.cmd_args_config(environ) or gunicorn_sources.found_config())
     if config_path:
-        _apply(values, sources, "config", config_path, "command line" if "config" in flags else "environment")
-        for name, raw in read_file(config_path).items():
-            if name not in BY_NAME or name in _NOT_IN_FILE:
-                raise ConfigError(f"unknown setting {_short(name)} in {config_path}")
-            _apply(values, sources, name, raw, config_path)
+        _apply(values, sources, "config", config_path, _config_source(flags, environ))
+        if gunicorn_sources.is_python_config(config_path):
+            _apply_translation(values, sources, notes, gunicorn_sources.settings_from_python(config_path))
+        else:
+            for name, raw in read_file(config_path).items():
+                if name not in BY_NAME or name in _NOT_IN_FILE:
+                    raise ConfigError(f"unknown setting {_short(name)} in {config_path}")
+                _apply(values, sources, name, raw, config_path)
+    _apply_translation(values, sources, notes, gunicorn_sources.cmd_args(environ))
     for setting in SETTINGS:
         if setting.env in environ and setting.name != "config":
             _apply(values, sources, setting.name, environ[setting.env], setting.env)
@@ -316,7 +455,36 @@ def load(flags: dict | None = None, environ=os.environ) -> Config:
         if name != "config":
             _apply(values, sources, name, raw, BY_NAME[name].flag)
     _finish(values)
-    return Config(values, sources)
+    _gthread_when_threaded(values, sources, notes)
+    return Config(values, sources, notes)
+
+
+def _config_source(flags: dict, environ) -> str:
+    if "config" in flags:
+        return "command line"
+    if BY_NAME["config"].env in environ:
+        return "environment"
+    return "GUNICORN_CMD_ARGS" if "GUNICORN_CMD_ARGS" in environ else "found in the current directory"
+
+
+def _apply_translation(values: dict, sources: dict, notes: list, translation) -> None:
+    """Apply settings read in gunicorn's forms; every one appd cannot honour is refused, one line each."""
+    if translation is None:
+        return
+    if translation.refused:
+        raise ConfigError("gunicorn settings appd cannot honour:\n  " + "\n  ".join(translation.refused))
+    notes.extend(f"not needed under appd: {line}" for line in translation.notes)
+    for name, raw in translation.values.items():
+        if name not in BY_NAME or name in _NOT_IN_FILE:
+            raise ConfigError(f"unknown setting {name!r} in {translation.sources[name]}")
+        _apply(values, sources, name, raw, translation.sources[name])
+
+
+def _gthread_when_threaded(values: dict, sources: dict, notes: list) -> None:
+    """gunicorn's rule: threads > 1 with no worker_class chosen means gthread."""
+    if values["threads"] > 1 and values["worker_class"] == "sync" and sources["worker_class"] == "default":
+        values["worker_class"], sources["worker_class"] = "gthread", "threads > 1 (gunicorn's rule)"
+        notes.append("worker_class = gthread because threads > 1 (as gunicorn does)")
 
 
 def _finish(values: dict) -> None:

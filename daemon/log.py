@@ -89,27 +89,10 @@ def get(**context):
     return structlog.get_logger().bind(**context)
 
 
-class AccessLog:
-    """One line per request, written without structlog's processor chain on the hot path."""
+def register(destination: LogFile) -> None:
+    """A log file reopened with the others (the access log lives in daemon/access.py)."""
+    _files.append(destination)
 
-    def __init__(self, path: str | None, log_format: str):
-        self.destination = LogFile(path) if path else None
-        if self.destination:
-            _files.append(self.destination)
-        self.json = log_format == "json"
 
-    def __bool__(self) -> bool:
-        return self.destination is not None
-
-    def write(self, remote: str, method: str, path: str, version: str, status: str,
-              length: int, duration_s: float) -> None:
-        if self.json:
-            import json
-            line = json.dumps({"event": "access", "remote": remote, "method": method, "path": path,
-                               "http": version, "status": int(status[:3]), "bytes": length,
-                               "duration_ms": round(duration_s * 1000, 3),
-                               "generation": _generation, "pid": os.getpid()})
-        else:
-            line = (f'{remote} "{method} {path} HTTP/{version}" {status[:3]} {length} '
-                    f'{duration_s * 1000:.1f}ms generation={_generation} pid={os.getpid()}')
-        self.destination.write(line + "\n")
+def generation() -> int:
+    return _generation

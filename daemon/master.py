@@ -22,8 +22,9 @@ import traceback
 from appdctl.protocol import FrameDecoder
 
 from . import app as app_loading
-from . import handoff, listeners as listeners_mod
-from . import log, proc
+from . import handoff, hooks
+from . import listeners as listeners_mod
+from . import log, proc, process_setup
 from .channel import Channel
 from .loop import Loop
 from .worker_handle import WorkerHandle
@@ -56,15 +57,21 @@ class Master:
         self.loop = Loop()
         self.log = log.get(role="master")
         self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
+        self.server = hooks.ServerView(self)  # what gunicorn-style hooks get as `server`
 
     # --- the story ---
 
     def run(self) -> int:
-        proc.set_title(f"appd: master gen {self.generation}")
+        proc.set_title(f"appd: master gen {self.generation}", self.cfg.get("proc_name"))
         self.loop.catch([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                          signal.SIGUSR1, signal.SIGHUP], self.on_signal)
+        if self.generation > 1:  # gunicorn calls it as a USR2 re-exec starts the new master
+            self.gunicorn_hook("pre_exec")
+        self.gunicorn_hook("nworkers_changed", self.target, None)
         if self.cfg["preload_app"] and not self.preload():
             return EXIT_BOOT_FAILED
+        self.gunicorn_hook("on_starting")
+        self.gunicorn_hook("when_ready")  # gunicorn: listeners ready, workers not yet spawned
         self.log.info("master_started", workers=self.target, worker_class=self.cfg["worker_class"])
         while self.loop.running:
             self.manage_workers()
@@ -76,6 +83,7 @@ class Master:
                 break
         self.report_workers(force=True)
         self.channel.flush_and_close()
+        self.gunicorn_hook("on_exit")
         self.log.info("master_exit", code=self.exit_code)
         return self.exit_code
 
@@ -103,6 +111,7 @@ class Master:
 
     def spawn_worker(self) -> None:
         serial = next(self.serials)
+        self.gunicorn_hook("pre_fork", hooks.HandleView(None, self.server.log, serial))
         parent_sock, child_sock = self.worker_cls.report_sockets(serial)
         pid = os.fork()
         if pid == 0:
@@ -158,6 +167,8 @@ class Master:
             handle.read_reports()
             handle.close()
             self.dirty = True
+            handle.exit_status = status
+            self.gunicorn_hook("child_exit", hooks.HandleView(handle, self.server.log))
             self.on_worker_exit(handle, proc.describe_exit(status))
 
     def murder_workers(self) -> None:
@@ -305,8 +316,10 @@ class Master:
         elif kind == "stop":
             self.stop_workers(graceful=False)
         elif kind == "scale":
-            self.target = int(message["target"])
+            old, self.target = self.target, int(message["target"])
             self.dirty = True
+            if self.target != old:
+                self.gunicorn_hook("nworkers_changed", self.target, old)
         elif kind == "reload":
             self.start_reload(message["settings"])
         elif kind == "retire":
@@ -332,6 +345,7 @@ class Master:
                 handle.outgoing = True
         self.dirty = True
         self.log.info("reload_started", workers=self.target)
+        self.gunicorn_hook("on_reload")
 
     def finish_reload(self, ok: bool, reason: str = "", output: str = "") -> None:
         self.reload_state = None
@@ -381,7 +395,12 @@ class Master:
                            "workers": [h.describe() for h in self.workers.values()]})
 
     def call_hook(self, name: str) -> None:
+        """appd's own master hooks (on_ready): f(master)."""
         app_loading.call_hook(self.cfg.get(name), self, self.log.bind(hook=name))
+
+    def gunicorn_hook(self, name: str, *args) -> None:
+        """gunicorn's master hooks: f(server, ...), with the adapter of hooks.py."""
+        hooks.call(self.cfg.get(name), self.log.bind(hook=name), self.server, *args)
 
 
 def read_config_message(sock: socket.socket, timeout: float = 30.0) -> tuple[dict, list]:
@@ -408,6 +427,7 @@ def main() -> int:
     os.chdir(cfg["chdir"])
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    process_setup.prepare(cfg)  # raw_env, pythonpath, umask, logging, then user/group
     proc.die_with_parent(signal.SIGTERM)
     listeners = listeners_mod.from_generation_env()
     handoff.close_on_exec()  # the channel is for the forked workers, not for programs they exec

@@ -27,12 +27,13 @@ def become_subreaper() -> None:
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def set_title(title: str) -> None:
+def set_title(title: str, proc_name: str | None = None) -> None:
+    """`appd: worker gen 3`, with `[proc_name]` after it when one is set (gunicorn's style)."""
     try:
         import setproctitle
     except ImportError:  # pragma: no cover
         return
-    setproctitle.setproctitle(title)
+    setproctitle.setproctitle(f"{title} [{proc_name}]" if proc_name else title)
 
 
 def reaped_children():

@@ -38,11 +38,20 @@ def _short_timeouts(monkeypatch):
 
 
 class AccessLog:
+    """Records what the request layer reports, as (remote, method, uri, version, status, bytes, s)."""
+
     def __init__(self):
         self.lines = []
 
-    def write(self, *args):
-        self.lines.append(args)
+    def before(self, req, environ):
+        pass
+
+    def write(self, environ, req, resp, duration):
+        self.lines.append((environ.get("REMOTE_ADDR", ""), req.method, environ["RAW_URI"], req.version,
+                           resp.status or "499 Client Closed Request", resp.sent, duration))
+
+    def write_error(self, conn_env, status):
+        self.lines.append((conn_env["REMOTE_ADDR"], "-", "-", "-", status, 0, 0.0))
 
 
 class Server:

@@ -282,11 +282,5 @@ class RequestCycle:
     def _log_access(self) -> None:
         access_log = self.proto.server.access_log
         if access_log:
-            scope = self.scope
-            client = scope.get("client")
-            query = scope["query_string"]
-            target = scope["raw_path"].decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
             status = self.code or (499 if self.disconnected else 500)
-            access_log.write(client[0] if client else "", scope["method"], target,
-                             "HTTP/" + scope["http_version"], f"{status}", self.sent,
-                             time.monotonic() - self.started)
+            access_log.write_asgi(self.scope, status, self.sent, time.monotonic() - self.started)

@@ -280,5 +280,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def _log_access(self, status: int) -> None:
         access_log = self.server.access_log
         if access_log:
-            access_log.write(self.client[0] if self.client else "", "GET", self.url.decode("latin-1"),
-                             "HTTP/1.1", str(status), 0, time.monotonic() - self.started)
+            path, _, query = self.url.partition(b"?")
+            scope = {"method": "GET", "path": unquote(path.decode("latin-1")), "raw_path": path,
+                     "query_string": query, "client": self.client, "headers": self.headers}
+            access_log.write_asgi(scope, status, 0, time.monotonic() - self.started)

@@ -37,6 +37,7 @@ class ServerInfo:
     limit_request_field_size: int = 8190
     multithread: bool = False
     multiprocess: bool = True
+    setup: object = None  # proxy.ConnectionSetup: PROXY header, TLS, forwarded headers
 
 
 class FileWrapper:
@@ -305,6 +306,10 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
     environ["RAW_URI"] = raw_uri = req.url.decode("latin-1")
     environ["SERVER_PROTOCOL"] = req.version
     environ["wsgi.input"] = inp = Input(reader, req)
+    if "appd.proxy" in environ:  # a trusted proxy's word on client, scheme, prefix
+        environ["appd.proxy"].apply(environ)
+    if access_log:
+        access_log.before(req, environ)
     resp = Response(sock, req, inp, keep_alive, should_continue if keep_alive else None)
     result = None
     try:
@@ -327,10 +332,8 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
             except Exception:
                 _log.error("app_error", exc_info=True, path=path, during="close")
                 resp.keep_alive = False
-    if access_log:  # 499 (nginx's code): the client left before any status was chosen
-        access_log.write(environ.get("REMOTE_ADDR", ""), req.method, raw_uri, req.version,
-                         resp.status or "499 Client Closed Request", resp.sent,
-                         time.perf_counter() - started)
+    if access_log:  # 499 (nginx's code) when the client left before any status was chosen
+        access_log.write(environ, req, resp, time.perf_counter() - started)
     return resp.keep_alive and inp.drain(DRAIN_LIMIT)
 
 
@@ -386,6 +389,7 @@ class Connection:
         self.reader = RequestReader(sock, info.limit_request_line, info.limit_request_fields,
                                     info.limit_request_field_size)
         self.served = 0
+        self.setup = info.setup  # done on the first serve(), in the serving thread
 
     def serve(self, app, access_log=None, keepalive: float = 0.0, should_continue=_always,
               on_request=None, park: bool = False) -> bool:
@@ -393,6 +397,8 @@ class Connection:
         requests and park=True: the caller waits until it is readable and calls
         serve() again. Returns False once the connection is closed. Client errors
         never raise out of here."""
+        if self.setup is not None and not self.setup.prepare(self):
+            return False
         reader, conn, conn_env = self.reader, self.sock, self.env
         linger = False
         idle = 0.0
@@ -406,7 +412,7 @@ class Connection:
                     linger = True
                     conn.sendall(error_response(exc.status, _date_line()))
                     if access_log:
-                        access_log.write(conn_env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
+                        access_log.write_error(conn_env, exc.status)
                     break
                 if req is None:
                     break

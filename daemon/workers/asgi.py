@@ -24,7 +24,7 @@ import errno
 import time
 
 from .. import app as app_loading
-from .. import log
+from ..access import RequestLog
 from ..asgi import loading
 from ..asgi.http import HttpProtocol
 from ..asgi.lifespan import Lifespan, LifespanFailed
@@ -96,7 +96,7 @@ class AsgiWorker(Worker):
     async def main(self) -> None:
         cfg = self.cfg
         self.stop_requested = asyncio.Event()
-        access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
+        access_log = RequestLog(self)
         state = self.lifespan.state if self.lifespan.supported else None
         self.server = ServerState(self.loop, self.app, cfg, access_log, state, self.count_request)
         self.server.on_connection_lost = self._below_limit

@@ -23,7 +23,8 @@ import time
 import traceback
 
 from .. import app as app_loading
-from .. import log, proc
+from .. import hooks, log, proc
+from ..http.proxy import tls_context
 from .notify import Reporter
 
 # accept() failing for want of descriptors or buffers: the process is fine, the moment
@@ -63,6 +64,7 @@ class Worker:
         self.accept_pause = 0.0
         self.accept_paused_until = 0.0
         self.accept_failures = 0
+        self.view = None  # what gunicorn-style hooks get as `worker`
         limit = cfg["max_requests"]
         self.max_requests = limit + random.randint(0, cfg["max_requests_jitter"]) if limit else 0
 
@@ -91,8 +93,9 @@ class Worker:
         proc.die_with_parent(signal.SIGTERM)
         if os.getppid() != self.master_pid:  # the master died before prctl took effect
             os._exit(0)
-        proc.set_title(f"appd: worker gen {self.generation}")
+        proc.set_title(f"appd: worker gen {self.generation}", self.cfg.get("proc_name"))
         self.log = log.get(role="worker")
+        self.view = hooks.WorkerView(self)
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -117,6 +120,9 @@ class Worker:
                 ok, status = app_loading.ready_check(self.app, path)
                 if not ok:
                     raise app_loading.AppLoadError(f"ready_check GET {path} answered {status!r}")
+            tls_context(self.cfg)  # a bad certificate fails the boot, not the first request
+            self.view.booted = True
+            self.call_hook("post_worker_init")
         except SystemExit:
             raise  # told to stop while booting
         except BaseException:
@@ -222,7 +228,19 @@ class Worker:
         return events
 
     def call_hook(self, name: str) -> None:
-        app_loading.call_hook(self.cfg.get(name), self, self.log.bind(hook=name))
+        """post_fork and worker_exit take appd's f(worker) or gunicorn's f(server, worker)
+        (by arity, see hooks.py); the others gunicorn's f(worker)."""
+        spec = self.cfg.get(name)
+        if not spec:
+            return
+        args = (self.view,)
+        if name in ("post_fork", "worker_exit"):
+            try:
+                two = hooks.positional_arity(hooks.resolve(spec)) >= 2
+            except Exception:
+                two = False  # hooks.call logs the failure to resolve it
+            args = (hooks.WorkerServerView(self), self.view) if two else (self,)
+        hooks.call(spec, self.log.bind(hook=name), *args)
 
     # --- signal handlers: record and wake ---
 
@@ -236,9 +254,12 @@ class Worker:
         self._graceful(signum, frame)
 
     def _quick(self, signum, frame) -> None:
+        self.call_hook("worker_int")
         raise SystemExit(0)
 
     def _abort(self, signum, frame) -> None:
+        self.view.aborted = True
+        self.call_hook("worker_abort")
         self.log.error("worker_timeout", detail="no heartbeat within timeout; stack follows")
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(1)

@@ -26,7 +26,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import handoff, log
+from .. import handoff
+from ..access import RequestLog
 from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
 from .kept import Kept
@@ -63,7 +64,7 @@ class ThreadWorker(Worker):
         self.keepalive = cfg["keepalive"]
         self.header_timeout = cfg["header_timeout"] or READ_TIMEOUT  # 0: only the read timeout
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
-        self.access_log = log.AccessLog(cfg["access_log"], cfg["log_format"])
+        self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
         self.busy = 0                                         # connections handed to threads
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread

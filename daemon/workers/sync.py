@@ -8,7 +8,8 @@ import selectors
 import time
 
 from ..http import ServerInfo, handle_connection
-from .. import log
+from ..http.proxy import connection_setup
+from ..access import RequestLog
 from .base import Worker
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
@@ -25,7 +26,7 @@ def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
                       limit_request_line=cfg["limit_request_line"],
                       limit_request_fields=cfg["limit_request_fields"],
                       limit_request_field_size=cfg["limit_request_field_size"],
-                      multithread=multithread)
+                      multithread=multithread, setup=connection_setup(listener, cfg))
 
 
 class SyncWorker(Worker):
@@ -35,7 +36,7 @@ class SyncWorker(Worker):
         for sock, _ in sockets:
             selector.register(sock, selectors.EVENT_READ)
         selector.register(self.wake_r, selectors.EVENT_READ)
-        access_log = log.AccessLog(self.cfg["access_log"], self.cfg["log_format"])
+        access_log = RequestLog(self)
         app = self.app
         while self.alive:
             served = 0
