@@ -358,7 +358,7 @@ class RequestReader:
         self.done = True
         self.error = error
         req = self.current
-        if req is not None and self.ready and self.ready[-1] is req:
+        if req is not None and not req.complete and self.ready and self.ready[-1] is req:
             self.ready.pop()  # its body or trailers are bad: answer the error, not the app
         elif req is not None and not self.in_head and not req.complete:
             req.broken = True
