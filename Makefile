@@ -57,10 +57,13 @@ bench: bench-deps
 profile: bench-deps
 	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
-# Faults under load, 100 upgrades, control-socket abuse (about 4 minutes); prints
-# its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the soak.
+# Faults under load, 100 upgrades, control-socket abuse, stalled request heads,
+# and the HTTP fuzzing of tests/test_conformance.py with 1500 examples (about 7
+# minutes); prints its figures. APPD_CHAOS_SEED=N replays a run,
+# APPD_CHAOS_SECONDS=N sets the soak, APPD_FUZZ_EXAMPLES=N the fuzzing.
 chaos: $(STAMP)
 	$(PY) -m pytest -q -s tests/chaos
+	APPD_FUZZ_EXAMPLES=$${APPD_FUZZ_EXAMPLES:-1500} $(PY) -m pytest -q -s tests/test_conformance.py -k fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -308,8 +308,12 @@ class RequestReader:
         """One recv; b"" on EOF, reset or read_timeout. The socket timeout is at
         most READ_TICK while reading, so a silent client wakes us to call on_wait
         (the heartbeat) and to end a head that is late (RequestTimeout)."""
-        if self.sock_timeout is None or self.sock_timeout > READ_TICK:
-            self.set_timeout(min(READ_TICK, self.read_timeout))
+        tick = min(READ_TICK, self.read_timeout)
+        remaining = self.head_deadline.remaining() if head else None
+        if remaining is not None and remaining < tick:
+            tick = max(remaining, 0.001)  # wake right at the deadline
+        if self.sock_timeout != tick:
+            self.set_timeout(tick)
         waited = 0.0
         while True:
             try:
@@ -320,11 +324,14 @@ class RequestReader:
                 return b""
             if self.on_wait is not None:
                 self.on_wait()
-            if head and self.head_deadline.expired():
-                raise RequestTimeout("request head not complete within header_timeout")
             waited += self.sock_timeout
             if waited >= self.read_timeout:
                 return b""
+            remaining = self.head_deadline.remaining() if head else None
+            if remaining is not None and remaining < self.sock_timeout:
+                if remaining <= 0:
+                    raise RequestTimeout("request head not complete within header_timeout")
+                self.set_timeout(remaining)  # wake right at the deadline
 
     def set_timeout(self, timeout: float) -> None:
         self.sock_timeout = timeout

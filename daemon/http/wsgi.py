@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 import structlog
 
-from .errors import AppError, ClientDisconnected, HTTPError, error_response
+from .errors import AppError, ClientDisconnected, HTTPError, RequestTimeout, error_response
 from .body import Input
 from .request import READ_TICK, Request, RequestReader, split_target
 from .validate import HOP_BY_HOP, bad_field_value, check_content_length, check_field_name
@@ -430,7 +430,11 @@ class Connection:
                 try:
                     req = reader.next_request(idle, should_continue)
                 except HTTPError as exc:
-                    linger = True
+                    # A late head has been read to its last byte: nothing unread
+                    # to turn the close into an RST, and lingering would hold the
+                    # worker for a client that is too slow already.
+                    linger = not isinstance(exc, RequestTimeout)
+                    reader.for_sending()
                     conn.sendall(error_response(exc.status, _date_line()))
                     if access_log:
                         access_log.write(conn_env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
