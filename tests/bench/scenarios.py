@@ -17,6 +17,7 @@ from servers import BIN, AppdServer, BenchError, answering_pid, children, http_g
 
 from common import FLASK, HELLO, SLOW, Context, Row, median
 from throughput import flask_throughput, gthread_throughput, hello_throughput
+from conformance_bench import conformance
 
 # --- 3: zero downtime under load ------------------------------------------------
 
@@ -309,4 +310,5 @@ SCENARIOS = {
     "ctl": (control_client, "5. control client time"),
     "memory": (memory, "6. daemon RSS, worker USS/PSS"),
     "scale": (scale_up, "7. scale +1 to serving"),
+    "conformance": (conformance, "8. HTTP/1.1 conformance corpus (cases answered as expected)"),
 }
