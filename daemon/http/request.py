@@ -19,7 +19,7 @@ import httptools
 
 from .errors import (BadRequest, HeadersTooLarge, HTTPError, RequestTimeout,
                      URITooLong, VersionNotSupported)
-from .validate import FORBIDDEN_TRAILERS, HeadDeadline, check_host, check_target, relax_request_line
+from .validate import FORBIDDEN_TRAILERS, check_host, check_target, relax_request_line
 
 RECV_SIZE = 64 * 1024
 # Cap on a request head when some limit is 0 ("no limit"): still never unbounded.
@@ -41,6 +41,9 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PAT
 # Bounded so a client inventing names cannot grow it without end.
 _HEADER_KEYS: dict[bytes, str | None] = {}
 _HEADER_KEYS_MAX = 1024
+# Host values already found valid (bounded as above).
+_GOOD_HOSTS: set[str] = set()
+_GOOD_HOSTS_MAX = 1024
 
 
 def header_key(name: bytes) -> str | None:
@@ -114,6 +117,21 @@ def new_parser(protocol) -> httptools.HttpRequestParser:
 class RequestReader:
     """Reads requests off one connection; also the httptools callback target."""
 
+    # Rarely changed state, as class defaults: fewer stores per connection.
+    on_wait = None                          # called about every READ_TICK while a read blocks
+    refusal: HTTPError | None = None        # raised by our own callback checks
+    error: HTTPError | None = None          # parsing stopped; raise once the queue is served
+    eof = False
+    done = False                            # no more requests will be parsed
+    poller: select.poll | None = None
+    # Bytes fed since a message boundary, while the head that began there is
+    # incomplete: the request line to relax if llhttp refuses it (see _relax).
+    head_chunks: list[bytes] | None = None
+    heads_begun = 0
+    pending_line: bytes | None = None
+    relaxed: tuple[str, bytes] | None = None
+    keep_method = False
+
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
                  limit_field_size: int, header_timeout: float = 0.0,
                  read_timeout: float = 30.0) -> None:
@@ -127,10 +145,14 @@ class RequestReader:
         else:
             self.max_head = MAX_HEAD_BYTES
         self.read_timeout = read_timeout
-        self.head_deadline = HeadDeadline(header_timeout)
-        self.head_deadline.start()            # the first head's clock runs from accept
-        self.on_wait = None                   # called about every READ_TICK while blocked
-        self.sock_timeout = sock.gettimeout()
+        self.header_timeout = header_timeout
+        # When the head being read must be complete (monotonic; 0: no head yet
+        # or no limit). The first head's clock runs from accept.
+        self.head_due = time.monotonic() + header_timeout if header_timeout else 0.0
+        # Reads wait at most a tick at a time (see _recv); sends set read_timeout.
+        self.tick = min(READ_TICK, read_timeout, header_timeout or READ_TICK)
+        self.sock_timeout = self.tick
+        sock.settimeout(self.tick)
         self.ready: deque[Request] = deque()  # heads complete, not yet served
         self.current: Request | None = None    # the message being parsed
         self.in_head = False
@@ -138,18 +160,6 @@ class RequestReader:
         self.url_parts: list[bytes] = []
         self.url_len = 0
         self.nfields = 0
-        self.refusal: HTTPError | None = None  # raised by our own callback checks
-        self.error: HTTPError | None = None    # parsing stopped; raise once the queue is served
-        self.eof = False
-        self.done = False                      # no more requests will be parsed
-        self.poller: select.poll | None = None
-        # Bytes fed since a message boundary, while the head that began there
-        # is incomplete: the request line to relax if llhttp refuses it.
-        self.head_chunks: list[bytes] | None = None
-        self.heads_begun = 0
-        self.pending_line: bytes | None = None
-        self.relaxed: tuple[str, bytes] | None = None
-        self.keep_method = False
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -219,7 +229,7 @@ class RequestReader:
         self.in_head = False
         self.head_bytes = 0
         self.head_chunks = None
-        self.head_deadline.clear()
+        self.head_due = 0.0
         self.ready.append(req)
 
     def on_body(self, data: bytes) -> None:
@@ -233,11 +243,15 @@ class RequestReader:
     # -- checks llhttp leaves to us (see validate.py) ---------------------------
 
     def _check_head(self, req: Request) -> None:
-        check_target(req.method, req.url)
+        if req.url[:1] != b"/" or req.method == "CONNECT":  # origin-form passes as is
+            check_target(req.method, req.url)
         fields = req.fields
         host = fields.get("HTTP_HOST")
         if host is not None:
-            check_host(host)
+            if host not in _GOOD_HOSTS:  # a client sends the same Host again and again
+                check_host(host)
+                if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+                    _GOOD_HOSTS.add(host)
         elif req.version == "HTTP/1.1":
             self._refuse(BadRequest("HTTP/1.1 request without Host"))  # RFC 9112 §3.2
         if req.version == "HTTP/1.0" and "HTTP_TRANSFER_ENCODING" in fields:
@@ -278,10 +292,11 @@ class RequestReader:
                 if not self._wait_idle(idle_timeout, should_continue):
                     return None
                 idle_timeout = 0.0
-            self.head_deadline.start()
+            if not self.head_due and self.header_timeout:
+                self.head_due = time.monotonic() + self.header_timeout
             if not self.fill(head=True):
                 return None
-            if not ready and self.head_deadline.expired():  # a trickle never times out a recv
+            if not ready and self.head_late():  # a trickle never times out a recv
                 raise RequestTimeout("request head not complete within header_timeout")
         return ready.popleft()
 
@@ -289,14 +304,29 @@ class RequestReader:
         """One recv fed to the parser; False on EOF, timeout, reset or after a parse stop."""
         if self.done:
             return False
-        data = self._recv(head)
+        if self.sock_timeout == self.tick and not (head and self.in_head):
+            try:  # the usual case: a whole head or body chunk is already there
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                data = self._recv(head, timed_out=True)
+            except OSError:
+                data = b""
+        else:
+            data = self._recv(head, timed_out=False)
         if not data:
             self.eof = True
             return False
         if self.pending_line is not None:
             self._relax_pending(data)
         else:
-            self._track_head(data)
+            # Keep the bytes of a head that starts at this recv, in case its
+            # request line must be relaxed (see _relax).
+            if self.in_head:
+                if self.head_chunks is not None:
+                    self.head_chunks.append(data)
+            elif self.current is None or self.current.complete:
+                self.head_chunks = [data]
+                self.heads_begun = 0
             self._feed(data)
         if self.in_head and not self.done:
             self.head_bytes += len(data)
@@ -304,34 +334,37 @@ class RequestReader:
                 self._stop(HeadersTooLarge("request head too large"))
         return True
 
-    def _recv(self, head: bool) -> bytes:
-        """One recv; b"" on EOF, reset or read_timeout. The socket timeout is at
-        most READ_TICK while reading, so a silent client wakes us to call on_wait
-        (the heartbeat) and to end a head that is late (RequestTimeout)."""
-        tick = min(READ_TICK, self.read_timeout)
-        remaining = self.head_deadline.remaining() if head else None
-        if remaining is not None and remaining < tick:
-            tick = max(remaining, 0.001)  # wake right at the deadline
-        if self.sock_timeout != tick:
-            self.set_timeout(tick)
+    def _recv(self, head: bool, timed_out: bool) -> bytes:
+        """Wait for one recv; b"" on EOF, reset or read_timeout. The socket
+        timeout is at most READ_TICK, so a silent client wakes us to call
+        on_wait (the heartbeat) and to end a late head (RequestTimeout)."""
         waited = 0.0
         while True:
+            if timed_out:
+                if self.on_wait is not None:
+                    self.on_wait()
+                waited += self.sock_timeout
+                if waited >= self.read_timeout:
+                    return b""
+            timeout = self.tick
+            remaining = self.head_due - time.monotonic() if head and self.head_due else None
+            if remaining is not None and remaining < timeout:
+                if remaining <= 0:
+                    raise RequestTimeout("request head not complete within header_timeout")
+                timeout = remaining  # wake right at the deadline
+            if self.sock_timeout != timeout:
+                self.set_timeout(timeout)
             try:
                 return self.sock.recv(RECV_SIZE)
             except TimeoutError:
-                pass
+                timed_out = True
             except OSError:
                 return b""
-            if self.on_wait is not None:
-                self.on_wait()
-            waited += self.sock_timeout
-            if waited >= self.read_timeout:
-                return b""
-            remaining = self.head_deadline.remaining() if head else None
-            if remaining is not None and remaining < self.sock_timeout:
-                if remaining <= 0:
-                    raise RequestTimeout("request head not complete within header_timeout")
-                self.set_timeout(remaining)  # wake right at the deadline
+
+    def head_late(self, now: float | None = None) -> bool:
+        """Whether a head is being read past header_timeout. For workers that
+        wait for heads in their own poller (gthread): answer 408 and close."""
+        return bool(self.head_due) and (time.monotonic() if now is None else now) >= self.head_due
 
     def set_timeout(self, timeout: float) -> None:
         self.sock_timeout = timeout
@@ -371,15 +404,6 @@ class RequestReader:
             req.broken = True
 
     # -- the relaxed request line (extension methods, UTF-8 targets) ------------
-
-    def _track_head(self, data: bytes) -> None:
-        """Keep the bytes of a head that began at the start of a recv, until it ends."""
-        if self.in_head:
-            if self.head_chunks is not None:
-                self.head_chunks.append(data)
-        elif self.current is None or self.current.complete:
-            self.head_chunks = [data]  # at a message boundary: a head starts here
-            self.heads_begun = 0
 
     def _relax(self, url_refused: bool) -> bool:
         """llhttp refused the method or the target of the head being read; if that

@@ -1,6 +1,5 @@
 """Request checks RFC 9110/9112 require beyond what llhttp already enforces,
-the two places where llhttp is stricter than real clients need, and the
-request-head deadline.
+and the two places where llhttp is stricter than real clients need.
 
 llhttp (through httptools) already refuses: field names that are not tokens,
 CTLs other than HTAB in field values, bare CR/LF, obs-fold, Content-Length
@@ -13,7 +12,6 @@ dict lookup or two.
 from __future__ import annotations
 
 import re
-import time
 
 from .errors import AppError, BadRequest
 
@@ -51,7 +49,7 @@ FORBIDDEN_TRAILERS = frozenset(
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
                         "transfer-encoding", "upgrade"))
 _STR_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
-bad_field_value = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 _NAMES_MAX = 1024
 
 
@@ -67,11 +65,12 @@ def check_field_name(name, cache: dict) -> str:
     return lname
 
 
-def check_content_length(value: str) -> int:
-    """An unsigned decimal (RFC 9110 §8.6); int() would take '+5', '1_0', ' 7'."""
-    if not (value.isdigit() and value.isascii()):
-        raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
-    return int(value)
+def check_field_value(name: str, value) -> None:
+    """A response header value must be a str without CTLs but HTAB (RFC 9110 §5.5)."""
+    if type(value) is not str:
+        raise AppError(f"header {name!r} has a {type(value).__name__} value, not str (PEP 3333)")
+    if _BAD_VALUE(value):
+        raise AppError(f"header {name!r} value {value!r} contains a control character")
 
 
 # -- the request side -------------------------------------------------------------
@@ -126,34 +125,3 @@ def relax_request_line(line: bytes, keep_method: bool) -> tuple[bytes, str, byte
     escaped = _HIGH_BYTE.sub(lambda m: b"%%%02X" % m[0][0], target)
     parsed_method = method if keep_method else b"GET"
     return parsed_method + b" " + escaped + b" " + version, method.decode("latin-1"), target
-
-
-class HeadDeadline:
-    """The header_timeout clock of one connection: a request head must be
-    complete this long after it started (at accept, or at the first byte of a
-    keep-alive request). Workers that read heads in a poller (gthread) call
-    start()/clear() around a head and expired() from their loop."""
-
-    __slots__ = ("timeout", "deadline")
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.deadline = 0.0   # 0: no head in progress (or no limit)
-
-    def start(self, now: float | None = None) -> None:
-        """Start the clock unless it runs already."""
-        if self.timeout and not self.deadline:
-            self.deadline = (time.monotonic() if now is None else now) + self.timeout
-
-    def clear(self) -> None:
-        self.deadline = 0.0
-
-    def remaining(self, now: float | None = None) -> float | None:
-        """Seconds left, or None when no deadline runs."""
-        if not self.deadline:
-            return None
-        return self.deadline - (time.monotonic() if now is None else now)
-
-    def expired(self, now: float | None = None) -> bool:
-        remaining = self.remaining(now)
-        return remaining is not None and remaining <= 0

@@ -15,14 +15,15 @@ import structlog
 
 from .errors import AppError, ClientDisconnected, HTTPError, RequestTimeout, error_response
 from .body import Input
-from .request import READ_TICK, Request, RequestReader, split_target
-from .validate import HOP_BY_HOP, bad_field_value, check_content_length, check_field_name
+from .request import Request, RequestReader, split_target
+from .validate import HOP_BY_HOP, check_field_name, check_field_value
 
 READ_TIMEOUT = 30.0          # a client this slow to send a request is dropped
 DRAIN_LIMIT = 64 * 1024      # unread body above this closes instead of draining
 LINGER_TIMEOUT = 1.0         # after an error, read what the client still sends...
 LINGER_BYTES = 256 * 1024    # ...so closing does not RST away our error response
 COALESCE_LIMIT = 64 * 1024   # head + first chunk in one sendall up to this size
+SMALL_SEND = 8 * 1024        # a whole response this small never waits for the client
 
 _log = structlog.get_logger()
 
@@ -173,14 +174,14 @@ class Response:
         has_date = has_server = False
         for name, value in self.headers:
             lname = _NAMES.get(name) or check_field_name(name, _NAMES)
-            if type(value) is not str:
-                raise AppError(f"header {name!r} has a {type(value).__name__} value, not str (PEP 3333)")
-            if bad_field_value(value):
-                raise AppError(f"header {name!r} value {value!r} contains a control character")
+            if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
+                check_field_value(name, value)
             if lname == "content-length":
                 if self.content_length is not None:
                     raise AppError("the application sent Content-Length twice")
-                self.content_length = check_content_length(value)
+                if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
+                    raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
+                self.content_length = int(value)
             elif lname in HOP_BY_HOP:
                 # Framing and persistence are the server's business.
                 raise AppError(f"hop-by-hop header {name!r} from the application (PEP 3333)")
@@ -221,7 +222,11 @@ class Response:
             head = "".join(parts).encode("latin-1")
         except UnicodeEncodeError as exc:
             raise AppError(f"status or header is not latin-1 (PEP 3333): {exc}") from None
-        self.input._reader.for_sending()
+        if self.content_length != len(first) or len(head) + len(first) > SMALL_SEND:
+            # sendall() counts its timeout over the whole send: a slow reader
+            # needs read_timeout, not the read tick. A small, whole response
+            # fits the socket's send buffer and needs no wait at all.
+            self.input._reader.for_sending()
         self.headers_sent = True
         if not first or no_body or self.head_only:
             self._sendall(head)
@@ -400,7 +405,6 @@ class Connection:
 
     def __init__(self, sock: socket.socket, client_addr, info: ServerInfo) -> None:
         self.sock = sock
-        sock.settimeout(min(READ_TICK, READ_TIMEOUT))  # reads wake each tick; see RequestReader._recv
         env = _base_environ(info).copy()
         if isinstance(client_addr, tuple):
             env["REMOTE_ADDR"] = str(client_addr[0])
