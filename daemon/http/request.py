@@ -110,7 +110,9 @@ def new_parser(protocol) -> httptools.HttpRequestParser:
     # 2.0 (RFC 9110 §15.6.6) and serve 1.2 as 1.1 (RFC 9110 §2.5).
     # lenient_spaces_after_chunk_size: RFC 9112 §7.1.1 allows BWS before a
     # chunk extension's ";" ("5 ;name"), which strict llhttp refuses.
-    parser.set_dangerous_leniencies(lenient_version=True, lenient_spaces_after_chunk_size=True)
+    # (Positional: keyword parsing costs more than the call on this per-connection path.)
+    parser.set_dangerous_leniencies(None, None, None, None, True,  # lenient_version
+                                    None, None, None, None, True)  # ..._spaces_after_chunk_size
     return parser
 
 
@@ -217,9 +219,14 @@ class RequestReader:
         version = parser.get_http_version()
         req.version = _VERSIONS.get(version) or self._other_version(version)
         req.keep_alive = parser.should_keep_alive()
-        self._check_head(req)
         fields = req.fields
+        if (fields.get("HTTP_HOST") not in _GOOD_HOSTS or req.url[:1] != b"/"
+                or req.method == "CONNECT"):  # else: a known Host, origin-form
+            self._check_head(req)
         if "HTTP_TRANSFER_ENCODING" in fields:
+            if req.version == "HTTP/1.0":
+                # RFC 9112 §6.1: faulty framing (as gunicorn and nginx answer it).
+                self._refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request"))
             fields.pop("CONTENT_LENGTH", None)  # llhttp already refuses CL + TE
         elif "CONTENT_LENGTH" in fields:
             req.content_length = int(fields["CONTENT_LENGTH"])  # llhttp validated it
@@ -243,7 +250,8 @@ class RequestReader:
     # -- checks llhttp leaves to us (see validate.py) ---------------------------
 
     def _check_head(self, req: Request) -> None:
-        if req.url[:1] != b"/" or req.method == "CONNECT":  # origin-form passes as is
+        """Target form and Host, when on_headers_complete could not pass them at a glance."""
+        if req.url[:1] != b"/" or req.method == "CONNECT":
             check_target(req.method, req.url)
         fields = req.fields
         host = fields.get("HTTP_HOST")
@@ -254,9 +262,6 @@ class RequestReader:
                     _GOOD_HOSTS.add(host)
         elif req.version == "HTTP/1.1":
             self._refuse(BadRequest("HTTP/1.1 request without Host"))  # RFC 9112 §3.2
-        if req.version == "HTTP/1.0" and "HTTP_TRANSFER_ENCODING" in fields:
-            # RFC 9112 §6.1: faulty framing (as gunicorn and nginx answer it).
-            self._refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request"))
 
     def _other_version(self, version: str) -> str:
         if version[:2] == "1.":
@@ -327,7 +332,10 @@ class RequestReader:
             elif self.current is None or self.current.complete:
                 self.head_chunks = [data]
                 self.heads_begun = 0
-            self._feed(data)
+            try:
+                self.parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._parse_stopped(exc)
         if self.in_head and not self.done:
             self.head_bytes += len(data)
             if self.head_bytes > self.max_head:
@@ -379,7 +387,11 @@ class RequestReader:
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_stopped(exc)
+
+    def _parse_stopped(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
             # Upgrade/CONNECT: WSGI cannot hand over the socket, so serve the
             # request as plain HTTP and parse nothing after it.
             self.done = True
@@ -387,10 +399,11 @@ class RequestReader:
             if req is not None:
                 req.keep_alive = False
                 req.complete = True
-        except (httptools.HttpParserInvalidMethodError, httptools.HttpParserInvalidURLError) as exc:
+        elif isinstance(exc, (httptools.HttpParserInvalidMethodError,
+                              httptools.HttpParserInvalidURLError)):
             if not self._relax(isinstance(exc, httptools.HttpParserInvalidURLError)):
                 self._stop(BadRequest(str(exc)))
-        except httptools.HttpParserError as exc:
+        else:
             self._stop(self.refusal or BadRequest(str(exc)))
 
     def _stop(self, error: HTTPError) -> None:
