@@ -103,19 +103,6 @@ class Request:
         self.broken = False                # body ended by a parse error
 
 
-def new_parser(protocol) -> httptools.HttpRequestParser:
-    parser = httptools.HttpRequestParser(protocol)
-    # lenient_version: llhttp refuses versions other than 0.9/1.x/2.0 with a bare
-    # 400; letting every DIGIT.DIGIT through lets us answer 505 for 3.x as for
-    # 2.0 (RFC 9110 §15.6.6) and serve 1.2 as 1.1 (RFC 9110 §2.5).
-    # lenient_spaces_after_chunk_size: RFC 9112 §7.1.1 allows BWS before a
-    # chunk extension's ";" ("5 ;name"), which strict llhttp refuses.
-    # (Positional: keyword parsing costs more than the call on this per-connection path.)
-    parser.set_dangerous_leniencies(None, None, None, None, True,  # lenient_version
-                                    None, None, None, None, True)  # ..._spaces_after_chunk_size
-    return parser
-
-
 class RequestReader:
     """Reads requests off one connection; also the httptools callback target."""
 
@@ -138,7 +125,7 @@ class RequestReader:
                  limit_field_size: int, header_timeout: float = 0.0,
                  read_timeout: float = 30.0) -> None:
         self.sock = sock
-        self.parser = new_parser(self)
+        self.parser = httptools.HttpRequestParser(self)
         self.limit_line = limit_line
         self.limit_fields = limit_fields
         self.limit_field_size = limit_field_size
@@ -227,6 +214,9 @@ class RequestReader:
             if req.version == "HTTP/1.0":
                 # RFC 9112 §6.1: faulty framing (as gunicorn and nginx answer it).
                 self._refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request"))
+            # RFC 9112 §7.1.1 allows BWS before a chunk extension's ";" ("5 ;a"),
+            # which strict llhttp refuses. Set here, not per connection: rare.
+            parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
             fields.pop("CONTENT_LENGTH", None)  # llhttp already refuses CL + TE
         elif "CONTENT_LENGTH" in fields:
             req.content_length = int(fields["CONTENT_LENGTH"])  # llhttp validated it
@@ -235,7 +225,6 @@ class RequestReader:
                                and req.version == "HTTP/1.1")
         self.in_head = False
         self.head_bytes = 0
-        self.head_chunks = None
         self.head_due = 0.0
         self.ready.append(req)
 
@@ -264,8 +253,7 @@ class RequestReader:
             self._refuse(BadRequest("HTTP/1.1 request without Host"))  # RFC 9112 §3.2
 
     def _other_version(self, version: str) -> str:
-        if version[:2] == "1.":
-            return "HTTP/1.1"  # a later 1.x minor is served as 1.1 (RFC 9110 §2.5)
+        # llhttp lets 0.9 and 2.0 through (later 1.x and 3+ come relaxed or refused).
         self._refuse(VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection"))
 
     def _check_trailer(self, key: str | None) -> None:
@@ -403,6 +391,10 @@ class RequestReader:
                               httptools.HttpParserInvalidURLError)):
             if not self._relax(isinstance(exc, httptools.HttpParserInvalidURLError)):
                 self._stop(BadRequest(str(exc)))
+        elif str(exc) == "Invalid HTTP version" and self.refusal is None:
+            # llhttp's reason for 1.2 (served as 1.1) as for 3.0 (answered 505).
+            if not self._relax(True):
+                self._stop(BadRequest(str(exc)))
         else:
             self._stop(self.refusal or BadRequest(str(exc)))
 
@@ -449,7 +441,7 @@ class RequestReader:
             self._stop(exc)
             return
         self.relaxed = (method, target)
-        self.parser = new_parser(self)
+        self.parser = httptools.HttpRequestParser(self)
         self.head_chunks = None
         self._feed(head + line[end - 1:])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import AppError, BadRequest
+from .errors import AppError, BadRequest, VersionNotSupported
 
 # RFC 9110 §5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -21,6 +21,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # are not allowed either, but browsers and curl send UTF-8 paths as is.
 _BAD_TARGET_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 _HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])").fullmatch
 
 # RFC 3986 host (IP-literal, IPv4 or reg-name) and port, as in Host and in
 # the authority of absolute-form and authority-form targets.
@@ -108,12 +109,13 @@ def check_target(method: str, url: bytes) -> None:
 def relax_request_line(line: bytes, keep_method: bool) -> tuple[bytes, str, bytes]:
     """A request line llhttp refused only for being stricter than RFC 9112, made
     acceptable to it: an extension method (any token; llhttp knows a fixed list)
-    is replaced by GET, and raw bytes >= 0x80 in the target are percent-encoded.
-    Returns (the line to parse, the method sent, the target sent); raises
-    BadRequest when the line is invalid for the RFC too.
+    is replaced by GET, raw bytes >= 0x80 in the target are percent-encoded, a
+    later HTTP/1 minor version becomes 1.1 (RFC 9110 §2.5). Returns (the line
+    to parse, the method sent, the target sent); raises BadRequest when the line
+    is invalid for the RFC too, VersionNotSupported for HTTP/3 and up.
 
-    Why not a lenient flag: llhttp has none for methods or target bytes, and
-    gunicorn accepts both (UTF-8 targets only with its own parser)."""
+    Why not lenient flags: llhttp has none for methods or target bytes, and
+    its lenient_version would cost every connection a call for a rare case."""
     parts = line.split(b" ")
     if len(parts) != 3:
         raise BadRequest("malformed request line")
@@ -122,6 +124,12 @@ def relax_request_line(line: bytes, keep_method: bool) -> tuple[bytes, str, byte
         raise BadRequest("invalid method")
     if not target or _BAD_TARGET_BYTE.search(target):
         raise BadRequest("invalid character in request target")
+    match = _VERSION(version)
+    if match is None:
+        raise BadRequest("malformed HTTP version")
+    if match[1] != b"1":
+        raise VersionNotSupported(f"{version.decode()} on an HTTP/1 connection")
     escaped = _HIGH_BYTE.sub(lambda m: b"%%%02X" % m[0][0], target)
     parsed_method = method if keep_method else b"GET"
-    return parsed_method + b" " + escaped + b" " + version, method.decode("latin-1"), target
+    return parsed_method + b" " + escaped + b" HTTP/1." + min(match[2], b"1"), \
+        method.decode("latin-1"), target
