@@ -106,19 +106,11 @@ class Request:
 class RequestReader:
     """Reads requests off one connection; also the httptools callback target."""
 
-    # Rarely changed state, as class defaults: fewer stores per connection.
+    # Seldom read state, as class defaults (what is read per request is set in
+    # __init__: an instance attribute reads faster than a class fallback).
     on_wait = None                          # called about every READ_TICK while a read blocks
     refusal: HTTPError | None = None        # raised by our own callback checks
-    error: HTTPError | None = None          # parsing stopped; raise once the queue is served
-    eof = False
-    done = False                            # no more requests will be parsed
     poller: select.poll | None = None
-    # Bytes fed since a message boundary, while the head that began there is
-    # incomplete: the request line to relax if llhttp refuses it (see _relax).
-    head_chunks: list[bytes] | None = None
-    heads_begun = 0
-    pending_line: bytes | None = None
-    relaxed: tuple[str, bytes] | None = None
     keep_method = False
 
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
@@ -149,6 +141,15 @@ class RequestReader:
         self.url_parts: list[bytes] = []
         self.url_len = 0
         self.nfields = 0
+        self.error: HTTPError | None = None    # parsing stopped; raise once the queue is served
+        self.eof = False
+        self.done = False                      # no more requests will be parsed
+        # Bytes fed since a message boundary, while the head that began there
+        # is incomplete: the request line to relax if llhttp refuses it (_relax).
+        self.head_chunks: list[bytes] | None = None
+        self.heads_begun = 0
+        self.pending_line: bytes | None = None
+        self.relaxed: tuple[str, bytes] | None = None
 
     # -- httptools callbacks ------------------------------------------------
 
