@@ -434,15 +434,8 @@ class Connection:
                 try:
                     req = reader.next_request(idle, should_continue)
                 except HTTPError as exc:
-                    # A late head has been read to its last byte: nothing unread
-                    # to turn the close into an RST, and lingering would hold the
-                    # worker for a client that is too slow already.
-                    linger = not isinstance(exc, RequestTimeout)
-                    reader.for_sending()
-                    conn.sendall(error_response(exc.status, _date_line()))
-                    if access_log:
-                        access_log.write(conn_env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
-                    break
+                    self.refuse(exc, access_log)
+                    return False
                 if req is None:
                     break
                 keep = keepalive > 0 and req.keep_alive and should_continue()
@@ -461,6 +454,26 @@ class Connection:
             linger = False
         self.close(linger)
         return False
+
+    def head_late(self, now: float | None = None) -> bool:
+        """A request head is being read past header_timeout (for workers that
+        wait for heads in their own poller: then call refuse(RequestTimeout()))."""
+        return self.reader.head_late(now)
+
+    def refuse(self, exc: HTTPError, access_log=None) -> None:
+        """Answer a request we refuse (400, 408, 414, 431, 505) and close."""
+        try:
+            self.reader.for_sending()
+            self.sock.sendall(error_response(exc.status, _date_line()))
+        except OSError:
+            self.close()
+            return
+        if access_log:
+            access_log.write(self.env["REMOTE_ADDR"], "-", "-", "-", exc.status, 0, 0.0)
+        # A late head has been read to its last byte: nothing unread to turn
+        # the close into an RST, and lingering would hold the worker for a
+        # client that is too slow already.
+        self.close(linger=not isinstance(exc, RequestTimeout))
 
     def close(self, linger: bool = False) -> None:
         if linger:
