@@ -115,6 +115,7 @@ SAMPLES = {
     "preload_app": ("true", True),
     "backlog": ("64", 64),
     "keepalive": ("5", 5.0),
+    "header_timeout": ("4.5", 4.5),
     "limit_request_line": ("1000", 1000),
     "limit_request_fields": ("20", 20),
     "limit_request_field_size": ("300", 300),
