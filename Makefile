@@ -63,7 +63,7 @@ profile: bench-deps
 # APPD_CHAOS_SECONDS=N sets the soak, APPD_FUZZ_EXAMPLES=N the fuzzing.
 chaos: $(STAMP)
 	$(PY) -m pytest -q -s tests/chaos
-	APPD_FUZZ_EXAMPLES=$${APPD_FUZZ_EXAMPLES:-1500} $(PY) -m pytest -q -s tests/test_conformance.py -k fuzz
+	APPD_FUZZ_EXAMPLES=$${APPD_FUZZ_EXAMPLES:-1500} $(PY) -m pytest -q -s tests/test_conformance.py -k "fuzz or lost"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

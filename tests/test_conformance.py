@@ -5,6 +5,7 @@ across recv calls, mangled requests; no worker lost)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -20,18 +21,40 @@ CASES = corpus.load()
 FUZZ_EXAMPLES = int(os.environ.get("APPD_FUZZ_EXAMPLES", "40"))
 
 
-@pytest.fixture(scope="module")
-def appd(tmp_path_factory):
+WORKERS = {
     # gthread with keep-alive, as tests/conformance/run.py runs it, so pipelined
-    # cases get every answer.
-    with running_appd(tmp_path_factory.mktemp("conformance"), "conformance_app:app", "-w", "2",
-                      "--worker-class", "gthread", "--threads", "2", "--keepalive", "2") as appd:
-        appd.first_workers = worker_pids(appd)
-        yield appd
+    # cases get every answer; sync reads heads with the heartbeat and deadline.
+    "gthread": ["--worker-class", "gthread", "--threads", "2", "--keepalive", "2"],
+    "sync": ["--worker-class", "sync"],
+}
+
+
+@pytest.fixture(scope="module")
+def appds(tmp_path_factory):
+    """One appd per worker kind, started when first asked for."""
+    with contextlib.ExitStack() as stack:
+        def get(kind):
+            if kind not in started:
+                appd = stack.enter_context(running_appd(
+                    tmp_path_factory.mktemp(kind), "conformance_app:app", "-w", "2", *WORKERS[kind]))
+                appd.first_workers = worker_pids(appd)
+                started[kind] = appd
+            return started[kind]
+        started = {}
+        yield get
+
+
+@pytest.fixture(scope="module")
+def appd(appds):
+    return appds("gthread")
 
 
 @pytest.fixture(scope="module")
 def address(appd):
+    return address_of(appd)
+
+
+def address_of(appd) -> tuple[str, int]:
     host, _, port = appd.address.rpartition(":")
     return host, int(port)
 
@@ -65,23 +88,27 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                                        HealthCheck.data_too_large])
 
 
+@pytest.mark.parametrize("kind", list(WORKERS))
 @FUZZ
 @given(request=http_fuzz.valid_requests(), fractions=http_fuzz.split_fractions)
-def test_fuzz_valid_requests_split_anywhere_are_served(address, request, fractions):
+def test_fuzz_valid_requests_split_anywhere_are_served(appds, kind, request, fractions):
     data, body_length = request
-    answer = http_fuzz.exchange(address, http_fuzz.pieces(data, fractions))
+    answer = http_fuzz.exchange(address_of(appds(kind)), http_fuzz.pieces(data, fractions))
     http_fuzz.check_valid(answer, body_length)
 
 
+@pytest.mark.parametrize("kind", list(WORKERS))
 @FUZZ
 @given(data=st.one_of(http_fuzz.mangled_requests(), st.binary(max_size=300)),
        fractions=http_fuzz.split_fractions)
-def test_fuzz_mangled_requests_get_sane_answers(address, data, fractions):
-    answer = http_fuzz.exchange(address, http_fuzz.pieces(data, fractions))
+def test_fuzz_mangled_requests_get_sane_answers(appds, kind, data, fractions):
+    answer = http_fuzz.exchange(address_of(appds(kind)), http_fuzz.pieces(data, fractions))
     http_fuzz.check_sane(answer)
 
 
-def test_no_worker_was_lost(appd):
+@pytest.mark.parametrize("kind", list(WORKERS))
+def test_no_worker_was_lost(appds, kind):
     # Runs after the corpus and the fuzz tests (file order): the same workers.
+    appd = appds(kind)
     assert worker_pids(appd) == appd.first_workers
     assert "Traceback" not in appd.log() and "connection_failed" not in appd.log()
