@@ -5,6 +5,12 @@ pipelined requests that arrived in the same recv. So the reader only reads
 from the socket when it has to (the next request's head is needed, or the app
 wants more body), which bounds memory to one recv beyond what is consumed,
 and parsed requests queue up in order.
+
+The RFC checks llhttp leaves to us run in its callbacks (see validate.py).
+When llhttp refuses a request line only for being stricter than the RFC (an
+extension method, raw UTF-8 in the target, HTTP/1.2), the line is checked
+here and parsed again relaxed. Reads wake every READ_TICK to keep the worker's
+heartbeat going and to answer 408 once a head is later than header_timeout.
 """
 
 from __future__ import annotations
