@@ -65,12 +65,14 @@ profile: bench-deps
 	$(PY) tests/bench/hotpath.py $(PROFILE_ARGS)
 
 # Faults under load, 100 upgrades, control-socket abuse, hypothesis fault injection,
-# keep-alive clients direct and through nginx/HAProxy (about 8 minutes); prints
-# its figures. APPD_CHAOS_SEED=N replays a run, APPD_CHAOS_SECONDS=N sets the
-# soak, APPD_FUZZ_EXAMPLES=N the fuzzed configs and commands (400 each by
-# default; `make test` runs 40).
+# keep-alive clients direct and through nginx/HAProxy, stalled request heads, and
+# the HTTP fuzzing of tests/test_conformance.py with 1500 examples (about 15
+# minutes); prints its figures. APPD_CHAOS_SEED=N replays a run,
+# APPD_CHAOS_SECONDS=N sets the soak, APPD_FUZZ_EXAMPLES=N the fuzzing (default:
+# 400 fuzzed configs and commands, 1500 HTTP requests; `make test` runs fewer).
 chaos: $(STAMP) proxies
 	$(PY) -m pytest -q -s tests/chaos
+	APPD_FUZZ_EXAMPLES=$${APPD_FUZZ_EXAMPLES:-1500} $(PY) -m pytest -q -s tests/test_conformance.py -k "fuzz or lost"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

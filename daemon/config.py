@@ -281,11 +281,12 @@ SETTINGS: list[Setting] = [
             metavar="S"),
     Setting("header_timeout", _seconds, 10.0, "deadline for a whole request head, from its first "
             "byte (or from accept) to its blank line; answered 408 (0: none)", metavar="S"),
-    Setting("limit_request_line", _int(0), 4094, "longest request line in bytes (0: no limit)", metavar="N"),
-    Setting("limit_request_fields", _int(0), 100, "most header fields per request (0: no limit)",
-            metavar="N"),
-    Setting("limit_request_field_size", _int(0), 8190, "longest header field in bytes (0: no limit)",
-            metavar="N"),
+    Setting("limit_request_line", _int(0), 4094, "longest request line in bytes, CRLF not counted; "
+            "answered 414 (0: no limit)", metavar="N"),
+    Setting("limit_request_fields", _int(0), 100, "most header (and trailer) fields per request; "
+            "answered 431 (0: no limit)", metavar="N"),
+    Setting("limit_request_field_size", _int(0), 8190, "longest field in bytes, counted as "
+            "'Name: value' plus CRLF; answered 431 (0: no limit)", metavar="N"),
     Setting("control_socket", _str, None, "control socket path (default: $XDG_RUNTIME_DIR/appd.sock, "
             "/run/appd/appd.sock for root, else /tmp/appd-UID/appd.sock)", metavar="PATH"),
     Setting("control_socket_mode", _mode, 0o600, "control socket file mode", metavar="MODE"),

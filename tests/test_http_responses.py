@@ -56,7 +56,7 @@ def test_exc_info_replaces_unsent_status():
 
 def test_204_has_no_body_or_length():
     with serving(keepalive=5.0) as server, server.connect() as sock:
-        sock.sendall(b"GET /nocontent HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /nocontent HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         f = sock.makefile("rb")
         status, headers, _ = read_response(f)
         assert status == 204 and "content-length" not in headers
@@ -95,7 +95,7 @@ def test_100mb_stream_keeps_memory_flat():
         t = threading.Thread(target=handle_connection,
                              args=(a, "", wsgi_samples.router, ServerInfo("x", "")))
         t.start()
-        b.sendall(b"GET /stream/104857600 HTTP/1.1\\r\\n\\r\\n")
+        b.sendall(b"GET /stream/104857600 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
         got = 0
         while data := b.recv(1 << 16):
             got += len(data)
@@ -151,7 +151,7 @@ def test_file_wrapper_uses_sendfile(data_file, sendfile_calls):
 def test_file_wrapper_honours_content_length(data_file, sendfile_calls):
     app = samples.make_file_app(str(data_file), content_length=1000)
     with serving(app) as server:
-        data = raw(server, b"GET / HTTP/1.1\r\n\r\n")
+        data = raw(server, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert data.partition(b"\r\n\r\n")[2] == data_file.read_bytes()[:1000]
     assert sendfile_calls == [(0, 1000)]
 
@@ -210,7 +210,7 @@ def test_http10_keepalive():
 
 def test_idle_keepalive_times_out():
     with serving(keepalive=0.3) as server, server.connect() as sock:
-        sock.sendall(b"GET /hello HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         read_response(sock.makefile("rb"))
         started = time.monotonic()
         assert sock.recv(10) == b""
@@ -222,7 +222,7 @@ def test_should_continue_false_closes_idle_connection_at_once():
     go_on.set()
     with serving(keepalive=30.0, should_continue=go_on.is_set) as server, \
             server.connect() as sock:
-        sock.sendall(b"GET /hello HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
         f = sock.makefile("rb")
         assert read_response(f)[1].get("connection") is None  # kept alive
         started = time.monotonic()
@@ -233,7 +233,7 @@ def test_should_continue_false_closes_idle_connection_at_once():
 
 def test_should_continue_false_marks_response_close():
     with serving(keepalive=30.0, should_continue=lambda: False) as server:
-        data = raw(server, b"GET /hello HTTP/1.1\r\n\r\n")
+        data = raw(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"Connection: close" in data and data.endswith(b"Hello, world!\n")
 
 

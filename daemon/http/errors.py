@@ -21,6 +21,19 @@ class HeadersTooLarge(HTTPError):
     status = "431 Request Header Fields Too Large"
 
 
+class RequestTimeout(HTTPError):
+    status = "408 Request Timeout"
+
+
+class VersionNotSupported(HTTPError):
+    status = "505 HTTP Version Not Supported"
+
+
+class AppError(Exception):
+    """The application broke PEP 3333 (a str body, a hop-by-hop header, a bad
+    Content-Length...): answered 500 and logged as one line naming the mistake."""
+
+
 class ClientDisconnected(OSError):
     """The client went away (reset, EOF, timeout) mid-request or mid-response.
 

@@ -5,6 +5,12 @@ pipelined requests that arrived in the same recv. So the reader only reads
 from the socket when it has to (the next request's head is needed, or the app
 wants more body), which bounds memory to one recv beyond what is consumed,
 and parsed requests queue up in order.
+
+The RFC checks llhttp leaves to us run in its callbacks (see validate.py).
+When llhttp refuses a request line only for being stricter than the RFC (an
+extension method, raw UTF-8 in the target, HTTP/1.2), the line is checked
+here and parsed again relaxed. Reads wake every READ_TICK to keep the worker's
+heartbeat going and to answer 408 once a head is later than header_timeout.
 """
 
 from __future__ import annotations
@@ -17,15 +23,23 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from .errors import BadRequest, ClientDisconnected, HeadersTooLarge, HTTPError, URITooLong
+from .errors import (BadRequest, HeadersTooLarge, HTTPError, RequestTimeout,
+                     URITooLong, VersionNotSupported)
+from .validate import FORBIDDEN_TRAILERS, check_host, check_target, relax_request_line
 
 RECV_SIZE = 64 * 1024
 # Cap on a request head when some limit is 0 ("no limit"): still never unbounded.
 MAX_HEAD_BYTES = 4 * 1024 * 1024
 # While a keep-alive connection is idle, wake this often to check should_continue().
 IDLE_POLL_INTERVAL = 0.1
+# A blocked recv wakes this often to call on_wait (the sync worker's heartbeat)
+# and to check the head deadline.
+READ_TICK = 1.0
+# "Name: value\r\n" around a field's name and value, as gunicorn counts a field's size.
+FIELD_FRAMING = 4
+# " HTTP/1.1" after the method, SP and target, as gunicorn counts the request line.
+VERSION_FRAMING = 9
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
@@ -33,6 +47,9 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PAT
 # Bounded so a client inventing names cannot grow it without end.
 _HEADER_KEYS: dict[bytes, str | None] = {}
 _HEADER_KEYS_MAX = 1024
+# Host values already found valid (bounded as above).
+_GOOD_HOSTS: set[str] = set()
+_GOOD_HOSTS_MAX = 1024
 
 
 def header_key(name: bytes) -> str | None:
@@ -95,8 +112,16 @@ class Request:
 class RequestReader:
     """Reads requests off one connection; also the httptools callback target."""
 
+    # Seldom read state, as class defaults (what is read per request is set in
+    # __init__: an instance attribute reads faster than a class fallback).
+    on_wait = None                          # called about every READ_TICK while a read blocks
+    refusal: HTTPError | None = None        # raised by our own callback checks
+    poller: select.poll | None = None
+    keep_method = False
+
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
-                 limit_field_size: int) -> None:
+                 limit_field_size: int, header_timeout: float = 0.0,
+                 read_timeout: float = 30.0) -> None:
         self.sock = sock
         self.parser = httptools.HttpRequestParser(self)
         self.limit_line = limit_line
@@ -106,6 +131,15 @@ class RequestReader:
             self.max_head = limit_line + 4 + limit_fields * (limit_field_size + 2) + 2
         else:
             self.max_head = MAX_HEAD_BYTES
+        self.read_timeout = read_timeout
+        self.header_timeout = header_timeout
+        # When the head being read must be complete (monotonic; 0: no head yet
+        # or no limit). The first head's clock runs from accept.
+        self.head_due = time.monotonic() + header_timeout if header_timeout else 0.0
+        # Reads wait at most a tick at a time (see _recv); sends set read_timeout.
+        self.tick = min(READ_TICK, read_timeout, header_timeout or READ_TICK)
+        self.sock_timeout = self.tick
+        sock.settimeout(self.tick)
         self.ready: deque[Request] = deque()  # heads complete, not yet served
         self.current: Request | None = None    # the message being parsed
         self.in_head = False
@@ -113,11 +147,15 @@ class RequestReader:
         self.url_parts: list[bytes] = []
         self.url_len = 0
         self.nfields = 0
-        self.limit_error: HTTPError | None = None
         self.error: HTTPError | None = None    # parsing stopped; raise once the queue is served
         self.eof = False
         self.done = False                      # no more requests will be parsed
-        self.poller: select.poll | None = None
+        # Bytes fed since a message boundary, while the head that began there
+        # is incomplete: the request line to relax if llhttp refuses it (_relax).
+        self.head_chunks: list[bytes] | None = None
+        self.heads_begun = 0
+        self.pending_line: bytes | None = None
+        self.relaxed: tuple[str, bytes] | None = None
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -127,28 +165,34 @@ class RequestReader:
         self.url_parts = []
         self.url_len = 0
         self.nfields = 0
+        self.heads_begun += 1
 
     def on_url(self, part: bytes) -> None:
         # Called per fragment, so an endless URL is cut off as it arrives.
         self.url_parts.append(part)
         self.url_len += len(part)
         if self.limit_line and self.url_len > self.limit_line:
-            self._limit(URITooLong("request line too long"))
+            self._refuse(URITooLong("request line too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.nfields += 1
         if self.limit_fields and self.nfields > self.limit_fields:
-            self._limit(HeadersTooLarge("too many header fields"))
-        if self.limit_field_size and len(name) + len(value) + 2 > self.limit_field_size:
-            self._limit(HeadersTooLarge("header field too large"))
+            self._refuse(HeadersTooLarge("too many header fields"))
+        if self.limit_field_size and len(name) + len(value) + FIELD_FRAMING > self.limit_field_size:
+            self._refuse(HeadersTooLarge("header field too large"))
         key = _HEADER_KEYS.get(name, False)  # inlined cache hit: once per header
         if key is False:
             key = header_key(name)
+        if not self.in_head:
+            self._check_trailer(key)
+            return  # never merged into the environ (RFC 9110 §6.5.2)
         if key is None:
             return
         fields = self.current.fields
         text = value.decode("latin-1")
         if key in fields:
+            if key == "HTTP_HOST":
+                self._refuse(BadRequest("more than one Host header"))  # RFC 9112 §3.2
             fields[key] += "," + text
         else:
             fields[key] = text
@@ -156,16 +200,30 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         req = self.current
         parser = self.parser
-        method = parser.get_method()
-        req.method = _METHODS.get(method) or method.decode("latin-1")
-        req.url = b"".join(self.url_parts) if len(self.url_parts) != 1 else self.url_parts[0]
-        if self.limit_line and len(method) + 1 + len(req.url) > self.limit_line:
-            self._limit(URITooLong("request line too long"))
+        if self.relaxed is not None:
+            req.method, req.url = self.relaxed
+            self.relaxed = None
+        else:
+            method = parser.get_method()
+            req.method = _METHODS.get(method) or method.decode("latin-1")
+            req.url = b"".join(self.url_parts) if len(self.url_parts) != 1 else self.url_parts[0]
+        if self.limit_line and (len(req.method) + 1 + len(req.url) + VERSION_FRAMING
+                                > self.limit_line):
+            self._refuse(URITooLong("request line too long"))
         version = parser.get_http_version()
-        req.version = _VERSIONS.get(version) or "HTTP/" + version
+        req.version = _VERSIONS.get(version) or self._other_version(version)
         req.keep_alive = parser.should_keep_alive()
         fields = req.fields
+        if (fields.get("HTTP_HOST") not in _GOOD_HOSTS or req.url[:1] != b"/"
+                or req.method == "CONNECT"):  # else: a known Host, origin-form
+            self._check_head(req)
         if "HTTP_TRANSFER_ENCODING" in fields:
+            if req.version == "HTTP/1.0":
+                # RFC 9112 §6.1: faulty framing (as gunicorn and nginx answer it).
+                self._refuse(BadRequest("Transfer-Encoding in an HTTP/1.0 request"))
+            # RFC 9112 §7.1.1 allows BWS before a chunk extension's ";" ("5 ;a"),
+            # which strict llhttp refuses. Set here, not per connection: rare.
+            parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
             fields.pop("CONTENT_LENGTH", None)  # llhttp already refuses CL + TE
         elif "CONTENT_LENGTH" in fields:
             req.content_length = int(fields["CONTENT_LENGTH"])  # llhttp validated it
@@ -174,6 +232,7 @@ class RequestReader:
                                and req.version == "HTTP/1.1")
         self.in_head = False
         self.head_bytes = 0
+        self.head_due = 0.0
         self.ready.append(req)
 
     def on_body(self, data: bytes) -> None:
@@ -184,9 +243,35 @@ class RequestReader:
     def on_message_complete(self) -> None:
         self.current.complete = True
 
-    def _limit(self, exc: HTTPError) -> None:
+    # -- checks llhttp leaves to us (see validate.py) ---------------------------
+
+    def _check_head(self, req: Request) -> None:
+        """Target form and Host, when on_headers_complete could not pass them at a glance."""
+        if req.url[:1] != b"/" or req.method == "CONNECT":
+            check_target(req.method, req.url)
+        fields = req.fields
+        host = fields.get("HTTP_HOST")
+        if host is not None:
+            if host not in _GOOD_HOSTS:  # a client sends the same Host again and again
+                check_host(host)
+                if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+                    _GOOD_HOSTS.add(host)
+        elif req.version == "HTTP/1.1":
+            self._refuse(BadRequest("HTTP/1.1 request without Host"))  # RFC 9112 §3.2
+
+    def _other_version(self, version: str) -> str:
+        # llhttp lets 0.9 and 2.0 through (later 1.x and 3+ come relaxed or refused).
+        self._refuse(VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection"))
+
+    def _check_trailer(self, key: str | None) -> None:
+        if self.current.version == "HTTP/1.0":
+            self._refuse(BadRequest("trailer fields in an HTTP/1.0 request"))
+        if key in FORBIDDEN_TRAILERS:
+            self._refuse(BadRequest(f"{key} is not allowed as a trailer field"))
+
+    def _refuse(self, exc: HTTPError) -> None:
         # httptools wraps callback exceptions; keep ours to answer with.
-        self.limit_error = exc
+        self.refusal = exc
         raise exc
 
     # -- reading ------------------------------------------------------------
@@ -194,8 +279,9 @@ class RequestReader:
     def next_request(self, idle_timeout: float = 0.0, should_continue=None) -> Request | None:
         """The next request head, or None when the connection is finished.
 
-        Raises HTTPError for a request that must be refused. With idle_timeout,
-        waits that long for a new request to start, checking should_continue()."""
+        Raises HTTPError for a request that must be refused (RequestTimeout when
+        the head takes longer than header_timeout). With idle_timeout, waits
+        that long for a new request to start, checking should_continue()."""
         ready = self.ready
         while not ready:
             if self.error is not None:
@@ -206,25 +292,101 @@ class RequestReader:
                 if not self._wait_idle(idle_timeout, should_continue):
                     return None
                 idle_timeout = 0.0
-            if not self.fill():
+            if not self.head_due and self.header_timeout:
+                self.head_due = time.monotonic() + self.header_timeout
+            if not self.fill(head=True):
                 return None
+            if not ready and self.head_late():  # a trickle never times out a recv
+                raise RequestTimeout("request head not complete within header_timeout")
         return ready.popleft()
 
-    def fill(self) -> bool:
+    def fill(self, head: bool = False) -> bool:
         """One recv fed to the parser; False on EOF, timeout, reset or after a parse stop."""
         if self.done:
             return False
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except OSError:  # includes socket.timeout
-            self.eof = True
-            return False
+        if self.sock_timeout == self.tick and not (head and self.in_head):
+            try:  # the usual case: a whole head or body chunk is already there
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                data = self._recv(head, timed_out=True)
+            except OSError:
+                data = b""
+        else:
+            data = self._recv(head, timed_out=False)
         if not data:
             self.eof = True
             return False
+        if self.pending_line is not None:
+            self._relax_pending(data)
+        else:
+            # Keep the bytes of a head that starts at this recv, in case its
+            # request line must be relaxed (see _relax).
+            if self.in_head:
+                if self.head_chunks is not None:
+                    self.head_chunks.append(data)
+            elif self.current is None or self.current.complete:
+                self.head_chunks = [data]
+                self.heads_begun = 0
+            try:
+                self.parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._parse_stopped(exc)
+        if self.in_head and not self.done:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_head:
+                self._stop(HeadersTooLarge("request head too large"))
+        return True
+
+    def _recv(self, head: bool, timed_out: bool) -> bytes:
+        """Wait for one recv; b"" on EOF, reset or read_timeout. The socket
+        timeout is at most READ_TICK, so a silent client wakes us to call
+        on_wait (the heartbeat) and to end a late head (RequestTimeout)."""
+        waited = 0.0
+        while True:
+            if timed_out:
+                if self.on_wait is not None:
+                    self.on_wait()
+                waited += self.sock_timeout
+                if waited >= self.read_timeout:
+                    return b""
+            timeout = self.tick
+            remaining = self.head_due - time.monotonic() if head and self.head_due else None
+            if remaining is not None and remaining < timeout:
+                if remaining <= 0:
+                    raise RequestTimeout("request head not complete within header_timeout")
+                timeout = remaining  # wake right at the deadline
+            if self.sock_timeout != timeout:
+                self.set_timeout(timeout)
+            try:
+                return self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                timed_out = True
+            except OSError:
+                return b""
+
+    def head_late(self, now: float | None = None) -> bool:
+        """Whether a head is being read past header_timeout. For workers that
+        wait for heads in their own poller (gthread): answer 408 and close."""
+        return bool(self.head_due) and (time.monotonic() if now is None else now) >= self.head_due
+
+    def set_timeout(self, timeout: float) -> None:
+        self.sock_timeout = timeout
+        self.sock.settimeout(timeout)
+
+    def for_sending(self) -> None:
+        """Before a response: sendall() counts its timeout over the whole send, so
+        the short read tick would cut off a slow reader."""
+        if self.sock_timeout != self.read_timeout:
+            self.set_timeout(self.read_timeout)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_stopped(exc)
+
+    def _parse_stopped(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
             # Upgrade/CONNECT: WSGI cannot hand over the socket, so serve the
             # request as plain HTTP and parse nothing after it.
             self.done = True
@@ -232,18 +394,63 @@ class RequestReader:
             if req is not None:
                 req.keep_alive = False
                 req.complete = True
-        except httptools.HttpParserError as exc:
-            self.done = True
-            self.error = self.limit_error or BadRequest(str(exc))
-            if self.current is not None and not self.in_head and not self.current.complete:
-                self.current.broken = True
+        elif isinstance(exc, (httptools.HttpParserInvalidMethodError,
+                              httptools.HttpParserInvalidURLError)):
+            if not self._relax(isinstance(exc, httptools.HttpParserInvalidURLError)):
+                self._stop(BadRequest(str(exc)))
+        elif str(exc) == "Invalid HTTP version" and self.refusal is None:
+            # llhttp's reason for 1.2 (served as 1.1) as for 3.0 (answered 505).
+            if not self._relax(True):
+                self._stop(BadRequest(str(exc)))
         else:
-            if self.in_head:
-                self.head_bytes += len(data)
-                if self.head_bytes > self.max_head:
-                    self.done = True
-                    self.error = HeadersTooLarge("request head too large")
+            self._stop(self.refusal or BadRequest(str(exc)))
+
+    def _stop(self, error: HTTPError) -> None:
+        """Parsing ends here: requests queued before this one are still served."""
+        self.done = True
+        self.error = error
+        req = self.current
+        if req is not None and not req.complete and self.ready and self.ready[-1] is req:
+            self.ready.pop()  # its body or trailers are bad: answer the error, not the app
+        elif req is not None and not self.in_head and not req.complete:
+            req.broken = True
+
+    # -- the relaxed request line (extension methods, UTF-8 targets) ------------
+
+    def _relax(self, url_refused: bool) -> bool:
+        """llhttp refused the method or the target of the head being read; if that
+        head began at a known place, wait for its request line and parse it again
+        relaxed (validate.relax_request_line). False: answer 400."""
+        if self.head_chunks is None or self.heads_begun != 1 or self.relaxed is not None:
+            return False  # e.g. the second of two pipelined requests in one recv
+        self.keep_method = url_refused
+        data = b"".join(self.head_chunks).lstrip(b"\r\n")
+        self.head_chunks = None
+        self.pending_line = b""
+        self._relax_pending(data)
         return True
+
+    def _relax_pending(self, data: bytes) -> None:
+        line = self.pending_line + data
+        end = line.find(b"\n")
+        if end < 0:
+            if self.limit_line and len(line) > self.limit_line + 2:
+                self._stop(URITooLong("request line too long"))
+            self.pending_line = line
+            return
+        self.pending_line = None
+        if line[end - 1:end] != b"\r":
+            self._stop(BadRequest("request line not ended by CRLF"))
+            return
+        try:
+            head, method, target = relax_request_line(line[:end - 1], self.keep_method)
+        except HTTPError as exc:
+            self._stop(exc)
+            return
+        self.relaxed = (method, target)
+        self.parser = httptools.HttpRequestParser(self)
+        self.head_chunks = None
+        self._feed(head + line[end - 1:])
 
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""
@@ -259,125 +466,3 @@ class RequestReader:
                 return False
             if self.poller.poll(min(remaining, IDLE_POLL_INTERVAL) * 1000):
                 return True
-
-
-class Input:
-    """wsgi.input: the request body, read lazily off the socket.
-
-    Sends `100 Continue` on the first read when the client asked for it and no
-    response has started."""
-
-    __slots__ = ("_reader", "_req", "_buf", "continue_pending")
-
-    def __init__(self, reader: RequestReader, req: Request) -> None:
-        self._reader = reader
-        self._req = req
-        self._buf = bytearray()
-        self.continue_pending = req.expect_continue and not req.complete
-
-    def _pull(self) -> bytes:
-        """Next received body chunk; b"" at the end of the body."""
-        req = self._req
-        body = req.body
-        while not body:
-            if req.complete:
-                return b""
-            if req.broken:
-                raise BadRequest("malformed request body")
-            if self.continue_pending:
-                self.continue_pending = False
-                try:
-                    self._reader.sock.sendall(_CONTINUE)
-                except OSError as exc:
-                    raise ClientDisconnected("client gone before sending the body") from exc
-            if self._reader.done and not req.broken:
-                req.broken = True  # parsing stopped (upgrade) before this body ended
-                continue
-            if not self._reader.fill():
-                raise ClientDisconnected("client closed the connection mid-body")
-        return body.popleft()
-
-    def read(self, size: int | None = -1) -> bytes:
-        buf = self._buf
-        if size is None or size < 0:
-            while chunk := self._pull():
-                buf += chunk
-            data = bytes(buf)
-            buf.clear()
-            return data
-        if not buf:
-            # Fast path: hand over a received chunk without copying through buf.
-            chunk = self._pull()
-            if len(chunk) == size or not chunk:
-                return chunk
-            buf += chunk
-        while len(buf) < size:
-            chunk = self._pull()
-            if not chunk:
-                break
-            buf += chunk
-        return self._take(size)
-
-    def _take(self, n: int) -> bytes:
-        buf = self._buf
-        with memoryview(buf) as view:
-            data = bytes(view[:n])
-        del buf[:n]
-        return data
-
-    def readline(self, size: int | None = -1) -> bytes:
-        buf = self._buf
-        start = 0
-        while True:
-            end = buf.find(b"\n", start)
-            if end >= 0:
-                end += 1
-                break
-            if size is not None and 0 <= size <= len(buf):
-                end = size
-                break
-            start = len(buf)
-            chunk = self._pull()
-            if not chunk:
-                end = len(buf)
-                break
-            buf += chunk
-        if size is not None and 0 <= size < end:
-            end = size
-        return self._take(end)
-
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
-        lines, total = [], 0
-        while line := self.readline():
-            lines.append(line)
-            total += len(line)
-            if hint is not None and 0 < hint <= total:
-                break
-        return lines
-
-    def __iter__(self):
-        while line := self.readline():
-            yield line
-
-    def drain(self, limit: int) -> bool:
-        """Discard the unread body so the connection can carry another request.
-
-        False (close instead) if more than `limit` bytes remain, the client
-        never got its 100 Continue, or the body cannot be read to its end."""
-        req = self._req
-        self._buf.clear()
-        req.body.clear()
-        if req.complete:
-            return True
-        if self.continue_pending or req.broken:
-            return False
-        if req.content_length is not None and req.content_length - req.received > limit:
-            return False
-        stop_at = req.received + limit
-        while not req.complete:
-            if req.broken or self._reader.done or req.received > stop_at:
-                return False
-            if not self._reader.fill():
-                return False
-            req.body.clear()
-        return True

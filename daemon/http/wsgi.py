@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from email.utils import formatdate
 import structlog
 
-from .errors import ClientDisconnected, HTTPError, error_response
-from .request import Input, Request, RequestReader, split_target
+from .errors import AppError, ClientDisconnected, HTTPError, RequestTimeout, error_response
+from .body import Input
+from .request import Request, RequestReader, split_target
+from .validate import HOP_BY_HOP, check_field_name, check_field_value
 
 READ_TIMEOUT = 30.0          # a client this slow to send a request is dropped
 DRAIN_LIMIT = 64 * 1024      # unread body above this closes instead of draining
 LINGER_TIMEOUT = 1.0         # after an error, read what the client still sends...
 LINGER_BYTES = 256 * 1024    # ...so closing does not RST away our error response
 COALESCE_LIMIT = 64 * 1024   # head + first chunk in one sendall up to this size
+SMALL_SEND = 8 * 1024        # a whole response this small never waits for the client
 
 _log = structlog.get_logger()
 
@@ -35,6 +38,7 @@ class ServerInfo:
     limit_request_line: int = 4094
     limit_request_fields: int = 100
     limit_request_field_size: int = 8190
+    header_timeout: float = 10.0
     multithread: bool = False
     multiprocess: bool = True
     setup: object = None  # proxy.ConnectionSetup: PROXY header, TLS, forwarded headers
@@ -58,6 +62,7 @@ class FileWrapper:
 # -- cached bits of the hot path ---------------------------------------------
 
 _STATUS_LINES: dict[str, str] = {}
+_NAMES: dict[str, str] = {}   # response header names checked as tokens -> lower case
 _date = (0, "")
 
 
@@ -72,8 +77,11 @@ def _date_line() -> str:
 def _status_line(status: str) -> str:
     line = _STATUS_LINES.get(status)
     if line is None:
-        if "\r" in status or "\n" in status:
-            raise ValueError(f"status {status!r} contains a line break")
+        if type(status) is not str:
+            raise AppError(f"status {status!r} is {type(status).__name__}, not str (PEP 3333)")
+        if not (len(status) >= 4 and status[:3].isdigit() and status[3] == " "
+                and status.isascii() and status.isprintable()):
+            raise AppError(f"status {status!r} is not 'NNN Reason' (PEP 3333)")
         line = f"HTTP/1.1 {status}\r\n"
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[status] = line
@@ -138,6 +146,8 @@ class Response:
     def write(self, data: bytes) -> None:
         if self.status is None:
             raise AssertionError("write() before start_response()")
+        if type(data) is not bytes:
+            _check_bytes(data)
         if not data:
             return  # PEP 3333: the head waits for the first non-empty body bytes
         if not self.headers_sent:
@@ -164,21 +174,22 @@ class Response:
         parts = [_status_line(status)]
         has_date = has_server = False
         for name, value in self.headers:
-            lname = name.lower()
+            lname = _NAMES.get(name) or check_field_name(name, _NAMES)
+            if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
+                check_field_value(name, value)
             if lname == "content-length":
+                if self.content_length is not None:
+                    raise AppError("the application sent Content-Length twice")
+                if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
+                    raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
                 self.content_length = int(value)
-            elif lname == "connection" or lname == "transfer-encoding":
-                # Framing and persistence are the server's business (PEP 3333
-                # forbids hop-by-hop headers); an app asking to close is obeyed.
-                if value.lower() == "close":
-                    self.keep_alive = False
-                continue
+            elif lname in HOP_BY_HOP:
+                # Framing and persistence are the server's business.
+                raise AppError(f"hop-by-hop header {name!r} from the application (PEP 3333)")
             elif lname == "date":
                 has_date = True
             elif lname == "server":
                 has_server = True
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"header {name!r} contains a line break")
             parts.append(f"{name}: {value}\r\n")
         if no_body or self.head_only:
             pass  # no body follows whatever the headers say
@@ -208,7 +219,15 @@ class Response:
         if not has_server:
             parts.append("Server: appd\r\n")
         parts.append("\r\n")
-        head = "".join(parts).encode("latin-1")
+        try:
+            head = "".join(parts).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise AppError(f"status or header is not latin-1 (PEP 3333): {exc}") from None
+        if self.content_length != len(first) or len(head) + len(first) > SMALL_SEND:
+            # sendall() counts its timeout over the whole send: a slow reader
+            # needs read_timeout, not the read tick. A small, whole response
+            # fits the socket's send buffer and needs no wait at all.
+            self.input._reader.for_sending()
         self.headers_sent = True
         if not first or no_body or self.head_only:
             self._sendall(head)
@@ -245,6 +264,8 @@ class Response:
         if type(result) in (list, tuple) and all(type(c) is bytes for c in result):
             known = sum(map(len, result))
         for chunk in result:
+            if type(chunk) is not bytes:
+                _check_bytes(chunk)
             if not chunk:
                 continue
             if not self.headers_sent:
@@ -293,6 +314,12 @@ class Response:
         return True
 
 
+def _check_bytes(data) -> None:
+    if not isinstance(data, bytes):
+        raise AppError(f"the application's body holds a {type(data).__name__}, not bytes "
+                       f"(PEP 3333): {data!r:.60}")
+
+
 def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
            keep_alive: bool, access_log, should_continue=None) -> bool:
     """Run the app for one request; True if the connection may carry another."""
@@ -322,7 +349,10 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
         elif isinstance(exc, HTTPError) and not resp.headers_sent:
             _send_error(resp, reader, exc.status)  # e.g. a malformed chunked body
         else:
-            _log.error("app_error", exc_info=True, path=path)
+            if isinstance(exc, AppError):  # the mistake named in one line; no traceback needed
+                _log.error("app_error", path=path, error=str(exc))
+            else:
+                _log.error("app_error", exc_info=True, path=path)
             if not resp.headers_sent:  # else mid-body: closing is all we can do
                 _send_error(resp, reader, "500 Internal Server Error")
     finally:
@@ -378,7 +408,6 @@ class Connection:
 
     def __init__(self, sock: socket.socket, client_addr, info: ServerInfo) -> None:
         self.sock = sock
-        sock.settimeout(READ_TIMEOUT)
         env = _base_environ(info).copy()
         if isinstance(client_addr, tuple):
             env["REMOTE_ADDR"] = str(client_addr[0])
@@ -387,19 +416,21 @@ class Connection:
             env["REMOTE_ADDR"] = client_addr if isinstance(client_addr, str) else ""
         self.env = env
         self.reader = RequestReader(sock, info.limit_request_line, info.limit_request_fields,
-                                    info.limit_request_field_size)
+                                    info.limit_request_field_size, info.header_timeout, READ_TIMEOUT)
         self.served = 0
         self.setup = info.setup  # done on the first serve(), in the serving thread
 
     def serve(self, app, access_log=None, keepalive: float = 0.0, should_continue=_always,
-              on_request=None, park: bool = False) -> bool:
+              on_request=None, park: bool = False, on_wait=None) -> bool:
         """Serve requests. Returns True when the connection is idle between keep-alive
         requests and park=True: the caller waits until it is readable and calls
         serve() again. Returns False once the connection is closed. Client errors
-        never raise out of here."""
+        never raise out of here. on_wait is called about every READ_TICK while a
+        read blocks (the sync worker's heartbeat)."""
         if self.setup is not None and not self.setup.prepare(self):
             return False
         reader, conn, conn_env = self.reader, self.sock, self.env
+        reader.on_wait = on_wait
         linger = False
         idle = 0.0
         try:
@@ -409,11 +440,8 @@ class Connection:
                 try:
                     req = reader.next_request(idle, should_continue)
                 except HTTPError as exc:
-                    linger = True
-                    conn.sendall(error_response(exc.status, _date_line()))
-                    if access_log:
-                        access_log.write_error(conn_env, exc.status)
-                    break
+                    self.refuse(exc, access_log)
+                    return False
                 if req is None:
                     break
                 keep = keepalive > 0 and req.keep_alive and should_continue()
@@ -433,6 +461,26 @@ class Connection:
         self.close(linger)
         return False
 
+    def head_late(self, now: float | None = None) -> bool:
+        """A request head is being read past header_timeout (for workers that
+        wait for heads in their own poller: then call refuse(RequestTimeout()))."""
+        return self.reader.head_late(now)
+
+    def refuse(self, exc: HTTPError, access_log=None) -> None:
+        """Answer a request we refuse (400, 408, 414, 431, 505) and close."""
+        try:
+            self.reader.for_sending()
+            self.sock.sendall(error_response(exc.status, _date_line()))
+        except OSError:
+            self.close()
+            return
+        if access_log:
+            access_log.write_error(self.env, exc.status)
+        # A late head has been read to its last byte: nothing unread to turn
+        # the close into an RST, and lingering would hold the worker for a
+        # client that is too slow already.
+        self.close(linger=not isinstance(exc, RequestTimeout))
+
     def close(self, linger: bool = False) -> None:
         if linger:
             _linger_close(self.sock)
@@ -444,12 +492,12 @@ class Connection:
 
 def handle_connection(conn: socket.socket, client_addr, app, info: ServerInfo,
                       access_log=None, keepalive: float = 0.0,
-                      should_continue=_always, on_request=None) -> int:
+                      should_continue=_always, on_request=None, on_wait=None) -> int:
     """Serve requests on one accepted blocking connection; return how many were served.
 
     keepalive == 0: one request, then close. keepalive > 0: HTTP/1.1
     persistent connection, idle for at most `keepalive` seconds between
     requests, closed as soon as should_continue() is False."""
     connection = Connection(conn, client_addr, info)
-    connection.serve(app, access_log, keepalive, should_continue, on_request)
+    connection.serve(app, access_log, keepalive, should_continue, on_request, on_wait=on_wait)
     return connection.served

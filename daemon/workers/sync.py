@@ -26,6 +26,7 @@ def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
                       limit_request_line=cfg["limit_request_line"],
                       limit_request_fields=cfg["limit_request_fields"],
                       limit_request_field_size=cfg["limit_request_field_size"],
+                      header_timeout=cfg["header_timeout"],
                       multithread=multithread, setup=connection_setup(listener, cfg))
 
 
@@ -69,7 +70,9 @@ class SyncWorker(Worker):
             return 0
         conn.setblocking(True)
         try:
-            handle_connection(conn, addr, app, info, access_log)
+            # The heartbeat goes on while a slow client sends its head or body, so
+            # such a client meets header_timeout (408), not the master's timeout.
+            handle_connection(conn, addr, app, info, access_log, on_wait=self.heartbeat)
         finally:
             conn.close()
         self.count_request()
