@@ -125,7 +125,6 @@ SAMPLES = {
     "worker_connections": ("50", 50),
     "factory": ("true", True),
     "websocket_drain_timeout": ("2.5", 2.5),
-    "header_timeout": ("4", 4.0),
     "control_socket_group": ("staff", "staff"),
     "control_allow_uids": ("1000,1001", [1000, 1001]),
     "control_allow_gids": ("50", [50]),

@@ -123,6 +123,10 @@ def test_socket_activation_serves_and_survives_upgrade(tmp_path):
             assert before["daemon"]["pid"] == proc.pid, "systemd-socket-activate execs appd in place"
             assert [l["fd"] for l in before["listeners"]] == [3], "the inherited fd 3 is used, not a new bind"
             seen.update(w["pid"] for g in before["generations"] for w in g["workers"])
+            # The start operation ends a loop turn after the first answer; before that
+            # an upgrade is (rightly) refused as busy.
+            wait_until(lambda: client.call("status")["operation"] is None, 10,
+                       message="the start operation to end")
             client.call("upgrade")
             after = client.call("status")
             seen.update(w["pid"] for g in after["generations"] for w in g["workers"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -1,11 +1,9 @@
 """One small unit per control command; each module's docstring is its
-documentation (`appdctl help` prints it). A unit has run(daemon, args, responder)."""
+documentation. A unit has run(daemon, args, responder)."""
 
 from __future__ import annotations
 
 import importlib
-
-from appdctl.protocol import COMMANDS
 
 
 def unit(cmd: str):

@@ -330,7 +330,7 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
     environ["REQUEST_METHOD"] = req.method
     environ["PATH_INFO"] = path
     environ["QUERY_STRING"] = query
-    environ["RAW_URI"] = raw_uri = req.url.decode("latin-1")
+    environ["RAW_URI"] = req.url.decode("latin-1")
     environ["SERVER_PROTOCOL"] = req.version
     environ["wsgi.input"] = inp = Input(reader, req)
     if "appd.proxy" in environ:  # a trusted proxy's word on client, scheme, prefix
