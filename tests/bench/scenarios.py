@@ -19,6 +19,7 @@ from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
 from throughput import flask_throughput, gthread_throughput, hello_throughput
 from conformance_bench import conformance
+from slow_heads import slow_heads
 
 # --- 3: zero downtime under load ------------------------------------------------
 
@@ -320,4 +321,5 @@ SCENARIOS = {
     "keepalive": (keepalive_soak, "8. keep-alive clients through upgrades and reloads, direct and behind nginx/HAProxy"),
     "asgi": (asgi, "9. ASGI: asgi worker vs uvicorn, granian, gunicorn+UvicornWorker; upgrades, WebSockets"),
     "conformance": (conformance, "10. HTTP/1.1 conformance corpus (cases answered as expected)"),
+    "slowheads": (slow_heads, "11. slow clients: stalled request heads beside normal requests, sync and gthread"),
 }
