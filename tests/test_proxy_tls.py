@@ -85,3 +85,47 @@ def test_proxy_header_split_across_packets():
             time.sleep(0.05)
             sock.sendall(b"XY TCP4 192.0.2.1 127.0.0.1 1234 80\r\n")
             assert env_over(sock)["REMOTE_ADDR"] == "192.0.2.1"
+
+
+# --- gthread workers: heads of TLS and PROXY connections are read by a thread ---
+
+def _ask(sock, buffer: bytearray, path: str = "/") -> bytes:
+    from test_worker_kinds import _read_response
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return _read_response(sock, buffer)
+
+
+def test_gthread_serves_tls_kept_alive_and_answers_close_at_upgrade(start_appd, tmp_path):
+    cert, key = self_signed(tmp_path, "server")
+    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1", "--keepalive", "30",
+                      "--certfile", cert, "--keyfile", key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    host, _, port = appd.address.rpartition(":")
+    with client.wrap_socket(socket.create_connection((host, int(port)), timeout=10)) as sock:
+        buffer = bytearray()
+        first, second = _ask(sock, buffer), _ask(sock, buffer)
+        assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), (first, second)
+        assert b"connection: close" not in second.lower()
+        # A TLS session cannot move to the new generation: its next request is
+        # answered by the old worker, with close (never a close under the client).
+        upgrade = appd.ctl("upgrade", "--no-wait")
+        assert upgrade.returncode == 0, upgrade.stderr
+        from conftest import wait_until
+        wait_until(lambda: any(g["state"] == "draining" for g in appd.status()["generations"]), 20,
+                   message="the old generation to drain")
+        last = _ask(sock, buffer)
+        assert last.startswith(b"HTTP/1.1 200") and b"connection: close" in last.lower(), last
+
+
+def test_gthread_reads_the_proxy_header_then_keeps_the_connection(start_appd):
+    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1",
+                      "--proxy-protocol", "v1", "--proxy-allow-ips", "127.0.0.1", "--forwarded-allow-ips",
+                      "127.0.0.1", "--app", "wsgi_samples:env")
+    host, _, port = appd.address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n")
+        buffer = bytearray()
+        for _ in range(2):
+            answer = _ask(sock, buffer)
+            assert answer.startswith(b"HTTP/1.1 200") and b"203.0.113.7" in answer, answer

@@ -113,6 +113,17 @@ class ConnectionSetup:
         self.tls = tls
         self.rules = ProxyRules(cfg)
 
+    @property
+    def transferable(self) -> bool:
+        """Whether a connection may move to another process (connection handoff) as
+        bytes: not with a TLS session or a PROXY header's source, which stay here."""
+        return self.mode == "off" and self.tls is None
+
+    @property
+    def blocking(self) -> bool:
+        """Whether it must run in a thread: reading a PROXY header or a TLS handshake."""
+        return self.mode != "off" or self.tls is not None
+
     def prepare(self, connection) -> bool:
         """Once per connection, before its first request: read the PROXY header (from an
         allowed peer), start TLS. False when the connection had to be closed."""

@@ -115,7 +115,10 @@ class ThreadWorker(Worker):
                 raise
             kept = Kept(conn, addr, info, name)
             kept.head_until = time.monotonic() + self.header_timeout
-            self.watch(kept)
+            if kept.needs_thread:
+                self.waiting.append(kept)
+            else:
+                self.watch(kept)
 
     def take_handed(self) -> None:
         """Connections another worker handed on: as if accepted, with what it had read."""
@@ -150,7 +153,10 @@ class ThreadWorker(Worker):
         self.selector.unregister(kept.sock)
 
     def on_readable(self, kept: Kept) -> None:
-        if not kept.read():
+        if kept.needs_thread:
+            self.forget(kept)
+            self.waiting.append(kept)
+        elif not kept.read():
             self.forget(kept)
             kept.close()
         elif kept.has_request:
@@ -199,7 +205,8 @@ class ThreadWorker(Worker):
     def run_connection(self, kept: Kept) -> None:
         keep = False
         try:
-            keep = kept.connection.serve(self.app, self.access_log, self.keepalive, self.should_continue,
+            should_continue = self.should_continue if kept.transferable else self.still_serving
+            keep = kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
                                          self.count_request_locked, park=True)
         except Exception:
             self.log.exception("connection_failed")
@@ -220,7 +227,8 @@ class ThreadWorker(Worker):
             self.busy -= 1
             if not keep:
                 continue  # closed by the thread
-            if kept.has_request:  # e.g. a pipelined request that must be refused
+            if kept.has_request or kept.decrypted_waiting:
+                # a pipelined request (to serve or refuse), or TLS records already decrypted
                 self.waiting.append(kept)
                 continue
             kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
@@ -231,6 +239,11 @@ class ThreadWorker(Worker):
         """Whether a response may keep its connection alive: yes while serving, and
         while stopping when the connection will be handed on afterwards."""
         return self.alive or self.handing_off
+
+    def still_serving(self) -> bool:
+        """For a connection that cannot be handed on (TLS, PROXY protocol): keep it
+        alive only while serving; once stopping, its next response says close."""
+        return self.alive
 
     def count_request_locked(self) -> None:
         with self.count_lock:

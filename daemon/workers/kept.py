@@ -7,6 +7,7 @@ connection on with exactly the part of the next request it already read."""
 from __future__ import annotations
 
 import socket
+import ssl
 
 import httptools
 
@@ -54,10 +55,11 @@ class Tap:
 class Kept:
     """One connection of the worker, with its state in the poller."""
 
-    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until")
+    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until", "transferable")
 
     def __init__(self, sock, addr, info: ServerInfo, listener: str, pending: bytes = b""):
         self.connection = Connection(sock, addr, info)
+        self.transferable = info.setup is None or info.setup.transferable
         self.tap = Tap(sock, pending)
         self.connection.reader.sock = self.tap
         self.listener = listener
@@ -71,6 +73,22 @@ class Kept:
     @property
     def reader(self):
         return self.connection.reader
+
+    @property
+    def needs_thread(self) -> bool:
+        """Its heads are read by a thread, not the poller: a PROXY header or TLS
+        handshake still to come (blocking, with their own timeouts), or a TLS
+        session, whose records the poller cannot read without blocking."""
+        connection = self.connection
+        if connection.setup is not None:
+            return connection.setup.blocking
+        return isinstance(connection.sock, ssl.SSLSocket)
+
+    @property
+    def decrypted_waiting(self) -> bool:
+        """TLS records read and decrypted but not consumed: readable, though the poller cannot see it."""
+        sock = self.connection.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     @property
     def has_request(self) -> bool:
@@ -118,7 +136,10 @@ class Kept:
 
     def unread(self) -> bytes | None:
         """The bytes already read of the request not yet served, or None when they
-        cannot be known (too much read since the last idle point)."""
+        cannot be known (too much read since the last idle point) or the connection
+        cannot move (TLS, PROXY protocol)."""
+        if not self.transferable:
+            return None
         if not self.reader.in_head:
             return b""
         if self.tap.overflow:
