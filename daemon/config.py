@@ -500,8 +500,20 @@ def _finish(values: dict) -> None:
         raise ConfigError(f"invalid workers: {values['workers']} is above max_workers {values['max_workers']}")
     if values["worker_class"] == "command" and not values["command"]:
         raise ConfigError("invalid command: worker_class = command needs a command to run")
+    if values["worker_class"] == "asgi":
+        _refuse_what_asgi_lacks(values)
 
 
+# What the asgi worker does not do yet: refused by name rather than ignored.
+_NOT_IN_ASGI = {"certfile": "TLS", "proxy_protocol": "the PROXY protocol",
+                "pre_request": "WSGI request hooks", "post_request": "WSGI request hooks"}
+
+
+def _refuse_what_asgi_lacks(values: dict) -> None:
+    for name, what in _NOT_IN_ASGI.items():
+        if values.get(name) not in (None, "", "off", False):
+            raise ConfigError(f"invalid {name}: the asgi worker does not support {what} yet "
+                              "(terminate TLS and PROXY in front of appd, or use gthread)")
 
 
 def settings_markdown() -> str:

@@ -341,3 +341,12 @@ def test_bad_bind_addresses_are_refused_by_name(spec):
         config.load({}, {"APPD_BIND": f"127.0.0.1:1,{spec}"})
     message = str(error.value)
     assert "bind" in message and spec in message and "APPD_BIND" in message
+
+
+@pytest.mark.parametrize("flags, named", [({"certfile": "/etc/ssl/c.pem"}, "certfile"),
+                                          ({"proxy_protocol": "v1"}, "proxy_protocol"),
+                                          ({"post_request": "hooks:after"}, "post_request")])
+def test_asgi_worker_refuses_what_it_does_not_do_by_name(flags, named):
+    with pytest.raises(config.ConfigError, match=f"invalid {named}: the asgi worker does not support"):
+        config.load({"worker_class": "asgi", **flags}, environ={})
+    assert config.load({"worker_class": "gthread", **flags}, environ={}).worker_class == "gthread"
