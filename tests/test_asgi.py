@@ -68,9 +68,11 @@ def read_response(f) -> tuple[int, dict, bytes]:
 
 @pytest.fixture(scope="module")
 def fastapi_appd(tmp_path_factory):
+    # keepalive 15 s: an idle connection must outlive the steps of an upgrade test
+    # on a loaded machine, or http.client silently reconnects to the new code.
     directory = tmp_path_factory.mktemp("fastapi")
     with running_appd(directory, "asgi_fastapi:app", *ASGI, "-w", "2", "--ready-check", "/healthz",
-                      "--keepalive", "5", env={"SHUTDOWN_MARKER": str(directory / "shutdown")}) as appd:
+                      "--keepalive", "15", env={"SHUTDOWN_MARKER": str(directory / "shutdown")}) as appd:
         yield appd
 
 
