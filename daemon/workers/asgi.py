@@ -234,11 +234,13 @@ class AsgiWorker(Worker):
         for conn in list(server.connections):
             if hasattr(conn, "on_stop"):
                 conn.on_stop()
-        self.release_idle([conn for conn in server.connections if conn.is_idle() or getattr(conn, "in_head", False)])
+        self.release_idle(self.idle_connections())
         # Keep time for the lifespan shutdown inside graceful_timeout.
         reserve = min(5.0, self.cfg["graceful_timeout"] / 4)
         while server.connections and time.monotonic() < deadline - reserve:
             await asyncio.sleep(0.05)
+            if server.handing_off:  # e.g. one taken from the channel just before the stop, now attached
+                self.release_idle(self.idle_connections())
         for conn in list(server.connections):
             conn.transport.close()
         self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=len(server.connections))
@@ -252,6 +254,9 @@ class AsgiWorker(Worker):
             except OSError:
                 break
             self.connect(conn, peer, address, name)
+
+    def idle_connections(self) -> list:
+        return [conn for conn in self.server.connections if conn.is_idle() or getattr(conn, "in_head", False)]
 
     def release_idle(self, idle: list) -> None:
         """Idle kept-alive connections (or with part of their next request head) at a
