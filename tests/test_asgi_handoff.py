@@ -80,6 +80,14 @@ def test_asgi_handoff_carries_a_partly_read_pipelined_request(start_appd, client
     assert kept_alive(second) and b"v2 gen 2" in second and b"path /second" in second, second
 
 
+def test_recycled_asgi_worker_hands_its_connection_on(start_appd, clients):  # noqa: F811
+    appd = start_appd(*ASGI, "-w", "1", *IDLE, "--max-requests", "3")
+    conn = clients(appd.address, 1)
+    answers = [ask(conn.socks[0], conn.buffers[0]) for _ in range(8)]
+    assert all(kept_alive(r) for r in answers), answers
+    assert len({pid_of(r) for r in answers}) >= 3, "served by successive workers on one connection"
+
+
 def test_connections_move_between_gthread_and_asgi_workers(start_appd, clients, tmp_path):  # noqa: F811
     """A reload that changes worker_class hands connections across, both ways."""
     config = tmp_path / "appd.toml"
