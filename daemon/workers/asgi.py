@@ -133,7 +133,8 @@ class AsgiWorker(Worker):
 
     def count_request(self) -> None:
         super().count_request()
-        if not self.alive:  # max_requests: stop accepting now, not at the next tick
+        if not self.alive:  # max_requests: stop now, so the connection that got the last
+            self.begin_stop()  # answer is handed on before it sends another request here
             self.stop_requested.set()
 
     def load_now(self) -> tuple:
@@ -227,10 +228,7 @@ class AsgiWorker(Worker):
             for sock, address, name in self.listening:
                 self.accept_backlog(sock, address, name)
             self.take_handed(everything=True)
-        self.set_accepting(False)
-        # Decided before `stopping` is set, so no response in between says `Connection: close`.
-        server.handing_off = self.handoff_wanted()
-        server.stopping = True
+        self.begin_stop()
         for conn in list(server.connections):
             if hasattr(conn, "on_stop"):
                 conn.on_stop()
@@ -245,6 +243,15 @@ class AsgiWorker(Worker):
             conn.transport.close()
         self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=len(server.connections))
         await self.lifespan.shutdown(deadline - time.monotonic())
+
+    def begin_stop(self) -> None:
+        server = self.server
+        if server.stopping:
+            return
+        self.set_accepting(False)
+        # Decided before `stopping` is set, so no response in between says `Connection: close`.
+        server.handing_off = self.handoff_wanted()
+        server.stopping = True
 
     def accept_backlog(self, sock, address, name) -> None:
         """On drain: every connection queued (backlog and handoff channel) is served."""
