@@ -3,7 +3,8 @@ and 17): an idle connection is handed to the serving generation (its next
 request runs the new code, kept alive, with no close, no FIN and no
 reconnect), with the part of a pipelined request already read; and a
 connection moves between gthread and asgi workers in both directions, the
-channel's format being the same."""
+channel's format being the same. Where nobody takes it (sync workers),
+the stopping asgi worker answers its next request with close."""
 
 from __future__ import annotations
 
@@ -109,6 +110,30 @@ def test_connections_move_between_gthread_and_asgi_workers(start_appd, clients, 
         now = {pid_of(r) for r in answers}
         assert len(now) == 1 and now.isdisjoint(pids), (now, pids)
         pids |= now
+
+
+def test_reload_from_asgi_to_sync_answers_the_next_request_with_close(start_appd, clients, tmp_path):  # noqa: F811
+    """Sync workers take no connection: the stopping asgi worker keeps it open
+    (not closed under the client) and answers its next request with close."""
+    config = tmp_path / "appd.toml"
+    config.write_text('app = "keepalive_app:asgi"\nworker_class = "asgi"\nworkers = 1\nkeepalive = 30\n')
+    appd = start_appd("-c", str(config))
+    conn = clients(appd.address, 1)
+    old_pid = pid_of(ask(conn.socks[0], conn.buffers[0]))
+    config.write_text('app = "keepalive_app:app"\nworker_class = "sync"\nworkers = 1\nkeepalive = 30\n')
+    reload = threading.Thread(target=lambda: appd.ctl("reload"), daemon=True)
+    reload.start()
+    wait_until(lambda: any(w["pid"] == old_pid and w["state"] == "stopping"
+                           for w in appd.serving_generation()["workers"]), 20,
+               message="the asgi worker to be told to stop")
+    assert no_fin_yet(conn.socks[0])
+    last = ask(conn.socks[0], conn.buffers[0])
+    assert last.startswith(b"HTTP/1.1 200") and b"connection: close" in last.lower()
+    assert pid_of(last) == old_pid
+    conn.socks[0].settimeout(10)
+    assert conn.socks[0].recv(1) == b""
+    reload.join(30)
+    assert not reload.is_alive()
 
 
 SOAK_SECONDS = 6.0
