@@ -32,7 +32,7 @@ _RECV_SIZE = MAX_DATA + 1024  # a message never exceeds this (MAX_DATA + the lis
 _MAX_FDS = 4                  # room for stray fds, which are closed
 _SNDBUF = 1024 * 1024         # queue room for a few thousand connections in flight
 # Worker classes whose workers take handed-off connections.
-TAKING_CLASSES = frozenset({"gthread"})
+TAKING_CLASSES = frozenset({"gthread", "asgi"})
 
 
 def takes_handoff(worker_class: str) -> bool:

@@ -122,11 +122,11 @@ def test_status_reports_busy_requests(fastapi_appd):
 
 
 def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
-    """Keep-alive GET and POST load across an upgrade, with no failed request. In an
-    old worker: an idle kept-alive connection is not closed under its client, its
-    next request is answered (by the old code) with Connection: close; a request in
-    progress at the stop and two pipelined behind it are all answered, the last
-    with Connection: close."""
+    """Keep-alive GET and POST load across an upgrade, with no failed request. An
+    idle kept-alive connection of an old worker is handed to the new generation:
+    its next request runs the new code, kept alive. A request in progress at the
+    stop and two pipelined behind it are all answered by the old worker, kept
+    alive, and then that connection too goes to the new generation."""
     appd = fastapi_appd
     old_pids = {w["pid"] for w in appd.serving_generation()["workers"]}
     before = appd.serving_generation()["id"]
@@ -146,17 +146,18 @@ def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
                                if g["id"] == before for w in g["workers"]), 30,
                    message="the old workers told to stop")
 
-        def answered_with_close():  # the idle connection's next request, until its worker stops
-            idle.request("GET", "/")
-            response = idle.getresponse()
-            assert json.loads(response.read())["version"] == "v1", "answered by the old worker"
-            return response.getheader("connection") == "close"
-        wait_until(answered_with_close, 30, message="the old worker's Connection: close")
+        idle.request("GET", "/")  # handed on: no close, no reconnect, the new code
+        response = idle.getresponse()
+        assert json.loads(response.read())["version"] == "v2", "answered by the new generation"
+        assert response.getheader("connection") is None
         release.touch()  # the held request ends now, in a stopping worker (both got TERM at once)
         answers = [read_response(replies) for _ in range(3)]
         assert [a[0] for a in answers] == [200, 200, 200]
         assert json.loads(answers[1][2])["version"] == "v1", "answered by the old generation"
-        assert [a[1].get("connection") for a in answers] == [None, None, "close"], answers
+        assert [a[1].get("connection") for a in answers] == [None, None, None], answers
+        pipelined.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = read_response(replies)
+        assert status == 200 and json.loads(body)["version"] == "v2", "handed on after its last answer"
         pipelined.close()
         load.wait_for(100)
         wait_until(lambda: appd.status()["last_operation"] == {**appd.status()["last_operation"],

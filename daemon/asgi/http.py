@@ -7,11 +7,12 @@ reading, or of its keep-alive idleness) that the worker checks a few times a
 second.
 
 Across a stop (DESIGN.md "Connections across a stop"): the request in hand
-finishes, pipelined requests already read are answered, the last with
-`Connection: close`; an idle kept-alive connection stays open until its
-keep-alive deadline, and a request it sends meanwhile is served and answered
-with `Connection: close`. Nothing is closed under a client that may be
-sending.
+finishes, pipelined requests already read are answered; an idle kept-alive
+connection is handed to the serving workers when they take it (appd.handoff:
+the bytes read since it was last idle travel with it, see `handoff_data`);
+otherwise it stays open until its keep-alive deadline, and a request it sends
+meanwhile is served and answered with `Connection: close`. Nothing is closed
+under a client that may be sending.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httptools
 
 from ..http.errors import BadRequest, HeadersTooLarge, HTTPError, URITooLong, error_response
 from ..http.wsgi import _date_line
+from ..workers.kept import RECORD_LIMIT, partial_tail
 from .cycle import RequestCycle
 from .server import ASGI_INFO, PIPELINE_DEPTH
 
@@ -47,8 +49,14 @@ def split_url(url: bytes) -> tuple[bytes, bytes]:
 
 
 class HttpProtocol(asyncio.Protocol):
-    def __init__(self, server, listener, client) -> None:
+    def __init__(self, server, listener, client, name: str = "", carried: bytes | None = None) -> None:
         self.server = server
+        self.name = name                # the listener's name, which a handed-on connection carries
+        # Handed on by another worker, with what it had read of the next request
+        # (None: accepted here). Such a connection was kept alive: idle, not new.
+        self.carried = carried
+        self.raw = bytearray()          # bytes read since the connection was last idle
+        self.raw_overflow = False
         self.loop = server.loop
         self.listener = listener        # (host, port) of the listener, or None for unix
         self.client = client            # (host, port) or None
@@ -77,7 +85,13 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.server.connections.add(self)
-        if self.server.header_timeout:
+        if self.carried is not None:
+            # Before the transport's first read, so the carried bytes come first.
+            self.deadline = self.loop.time() + self.server.keepalive
+            data, self.carried = self.carried, b""
+            if data:
+                self.data_received(data)
+        elif self.server.header_timeout:
             self.deadline = self.loop.time() + self.server.header_timeout
 
     def connection_lost(self, exc) -> None:
@@ -94,6 +108,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self.in_head and self.cycle is None and not self.pipeline:
             self._start_head_deadline()  # first byte of a request on an idle connection
+        self._record(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -209,7 +224,8 @@ class HttpProtocol(asyncio.Protocol):
         the worker stops, unless pipelined requests already read still need answers."""
         if self.ignoring or self.refusal is not None:
             return False
-        return not self.server.stopping or bool(self.pipeline)
+        server = self.server
+        return not server.stopping or bool(self.pipeline) or (server.handing_off and self.transferable())
 
     def cycle_done(self, cycle: RequestCycle) -> None:
         server = self.server
@@ -235,7 +251,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.resume_reading()
         if not self.in_head:
+            self.raw.clear()  # an idle point: nothing read belongs to a request not yet served
+            self.raw_overflow = False
             self.deadline = self.loop.time() + server.keepalive
+        if server.stopping and server.on_idle is not None:
+            server.on_idle(self)  # handed on, if the worker hands connections on
 
     # --- refusals, deadlines, closing ---
 
@@ -262,7 +282,8 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         if self.cycle is not None or self.pipeline or self.transport.is_closing():
             return
-        if self.in_head or not (self.requests_seen or self.server.stopping):
+        kept = self.requests_seen or self.carried is not None  # a kept-alive connection
+        if self.in_head or not (kept or self.server.stopping):
             self.refuse(Timeout("request head not received in time"))
         else:
             self.close()  # idle past keep-alive: the client expects this and retries
@@ -313,6 +334,35 @@ class HttpProtocol(asyncio.Protocol):
         if self.is_idle() and not self.requests_seen:
             limit = self.loop.time() + self.server.keepalive
             self.deadline = min(self.deadline, limit) if self.deadline else limit
+
+    def _record(self, data: bytes) -> None:
+        if self.raw_overflow:
+            return
+        if len(self.raw) + len(data) > RECORD_LIMIT:
+            self.raw_overflow = True
+            self.raw.clear()
+        else:
+            self.raw += data
+
+    def transferable(self) -> bool:
+        """Whether the connection may move to another process: not a TLS session,
+        whose keys stay here."""
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("sslcontext") is None
+
+    def handoff_data(self) -> bytes | None:
+        """What was read of the next request, for handing the connection on; None
+        when it cannot move: a request in hand or owed, a WebSocket upgrade, a
+        refusal, the client's EOF, TLS, or too much read to know the request's start."""
+        if (self.cycle is not None or self.pipeline or self.upgrade is not None or self.ignoring
+                or self.eof or self.transport is None or self.transport.is_closing()
+                or not self.transferable()):
+            return None
+        if not self.in_head:
+            return b""
+        if self.raw_overflow:
+            return None
+        return partial_tail(bytes(self.raw))
 
     def is_idle(self) -> bool:
         """Between keep-alive requests: nothing owed, nothing being read."""

@@ -9,8 +9,10 @@ the loop; stopping happens in the loop:
 
   graceful (TERM, HUP)  stop accepting; requests in hand and pipelined ones
                         already read are answered (the last with Connection:
-                        close); idle keep-alive connections stay until their
-                        keep-alive deadline (see release_idle); WebSockets get
+                        close); idle keep-alive connections are handed to
+                        the serving workers when the master says they take
+                        them (HANDOFF=1), or else stay until their keep-alive
+                        deadline (see release_idle); WebSockets get
                         websocket.disconnect and close code 1012; then the
                         lifespan shutdown. All within graceful_timeout.
   drain (USR2)          the same, after accepting what waits in the backlog
@@ -24,6 +26,7 @@ import errno
 import time
 
 from .. import app as app_loading
+from .. import handoff
 from ..access import RequestLog
 from ..asgi import loading
 from ..asgi.http import HttpProtocol
@@ -54,6 +57,9 @@ def listener_address(listener) -> tuple | None:
 
 
 class AsgiWorker(Worker):
+    TAKES_HANDOFF = True  # the master may hand this worker's idle connections on when it stops
+    handoff: handoff.Channel | None = None
+    handed_on = 0
     loop: asyncio.AbstractEventLoop | None = None
     server: ServerState | None = None
 
@@ -100,8 +106,10 @@ class AsgiWorker(Worker):
         state = self.lifespan.state if self.lifespan.supported else None
         self.server = ServerState(self.loop, self.app, cfg, access_log, state, self.count_request)
         self.server.on_connection_lost = self._below_limit
+        self.server.on_idle = self.pass_on
         self.max_connections = cfg["worker_connections"]
-        self.listening = [(l.sock, listener_address(l)) for l in self.listeners]
+        self.handoff = handoff.Channel.from_env()
+        self.listening = [(l.sock, listener_address(l), l.name) for l in self.listeners]
         self.accepting = False
         self.set_accepting(True)
         ticker = self.loop.create_task(self.tick())
@@ -125,7 +133,8 @@ class AsgiWorker(Worker):
 
     def count_request(self) -> None:
         super().count_request()
-        if not self.alive:  # max_requests: stop accepting now, not at the next tick
+        if not self.alive:  # max_requests: stop now, so the connection that got the last
+            self.begin_stop()  # answer is handed on before it sends another request here
             self.stop_requested.set()
 
     def load_now(self) -> tuple:
@@ -136,20 +145,25 @@ class AsgiWorker(Worker):
     # --- accepting ---
 
     def set_accepting(self, accepting: bool) -> None:
-        """Listen only below worker_connections, so a full worker leaves connections to others."""
+        """Listen (and take handed-on connections) only below worker_connections,
+        so a full worker leaves connections to others."""
         if accepting == self.accepting:
             return
         self.accepting = accepting
-        for sock, address in self.listening:
+        for sock, address, name in self.listening:
             if accepting:
-                self.loop.add_reader(sock.fileno(), self.accept, sock, address)
+                self.loop.add_reader(sock.fileno(), self.accept, sock, address, name)
             else:
                 self.loop.remove_reader(sock.fileno())
+        if self.handoff is not None:
+            if accepting:
+                self.loop.add_reader(self.handoff.fileno(), self.take_handed)
+            else:
+                self.loop.remove_reader(self.handoff.fileno())
 
-    def accept(self, sock, address) -> None:
+    def accept(self, sock, address, name) -> None:
         for _ in range(ACCEPT_BATCH):
-            if len(self.server.connections) >= self.max_connections:
-                self.set_accepting(False)
+            if self.full():
                 return
             try:
                 conn, peer = sock.accept()
@@ -157,12 +171,40 @@ class AsgiWorker(Worker):
                 if exc.errno not in _ACCEPT_ERRORS:
                     self.log.warning("accept_failed", error=str(exc))
                 return
-            self.connect(conn, peer, address)
+            self.connect(conn, peer, address, name)
 
-    def connect(self, conn, peer, address) -> None:
+    def full(self) -> bool:
+        if len(self.server.connections) < self.max_connections:
+            return False
+        self.set_accepting(False)
+        return True
+
+    def take_handed(self, everything: bool = False) -> None:
+        """Connections another worker handed on: as if accepted here, with what it had
+        read (on drain: every one waiting, like the backlog)."""
+        if self.handoff is None or (not everything and self.full()):
+            return
+        for handed in self.handoff.receive(1_000_000 if everything else ACCEPT_BATCH):
+            try:
+                peer = handed.sock.getpeername()
+            except OSError:  # the client left meanwhile
+                handed.sock.close()
+                continue
+            address, name = self.listener_named(handed.listener)
+            self.connect(handed.sock, peer, address, name, carried=handed.data)
+
+    def listener_named(self, name: str) -> tuple:
+        """(address, name) of the listener a handed-on connection was accepted on."""
+        for _, address, listener in self.listening:
+            if listener == name:
+                return address, name
+        _, address, listener = self.listening[0]
+        return address, listener
+
+    def connect(self, conn, peer, address, name, carried: bytes | None = None) -> None:
         conn.setblocking(False)
         client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
-        protocol = HttpProtocol(self.server, address, client)
+        protocol = HttpProtocol(self.server, address, client, name, carried)
         self.server.connections.add(protocol)  # counts toward the limit from now on
         self.loop.create_task(self._attach(conn, protocol))
 
@@ -183,36 +225,74 @@ class AsgiWorker(Worker):
         server = self.server
         deadline = time.monotonic() + self.cfg["graceful_timeout"]
         if self.sweep:
-            for sock, address in self.listening:
-                self.accept_backlog(sock, address)
-        self.set_accepting(False)
-        server.stopping = True
+            for sock, address, name in self.listening:
+                self.accept_backlog(sock, address, name)
+            self.take_handed(everything=True)
+        self.begin_stop()
         for conn in list(server.connections):
             if hasattr(conn, "on_stop"):
                 conn.on_stop()
-        self.release_idle([conn for conn in server.connections if conn.is_idle()])
+        self.release_idle(self.idle_connections())
         # Keep time for the lifespan shutdown inside graceful_timeout.
         reserve = min(5.0, self.cfg["graceful_timeout"] / 4)
         while server.connections and time.monotonic() < deadline - reserve:
             await asyncio.sleep(0.05)
+            if server.handing_off:  # e.g. one taken from the channel just before the stop, now attached
+                self.release_idle(self.idle_connections())
         for conn in list(server.connections):
             conn.transport.close()
+        self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=len(server.connections))
         await self.lifespan.shutdown(deadline - time.monotonic())
 
-    def accept_backlog(self, sock, address) -> None:
+    def begin_stop(self) -> None:
+        server = self.server
+        if server.stopping:
+            return
+        self.set_accepting(False)
+        # Decided before `stopping` is set, so no response in between says `Connection: close`.
+        server.handing_off = self.handoff_wanted()
+        server.stopping = True
+
+    def accept_backlog(self, sock, address, name) -> None:
+        """On drain: every connection queued (backlog and handoff channel) is served."""
         while True:
             try:
                 conn, peer = sock.accept()
             except OSError:
-                return
-            self.connect(conn, peer, address)
+                break
+            self.connect(conn, peer, address, name)
+
+    def idle_connections(self) -> list:
+        return [conn for conn in self.server.connections if conn.is_idle() or getattr(conn, "in_head", False)]
 
     def release_idle(self, idle: list) -> None:
-        """Idle kept-alive connections at a stop. The seam for connection handoff
-        (APPD_HANDOFF_FD): a worker that can pass them to the next generation does
-        it here. Without it they stay open until their keep-alive deadline, and a
+        """Idle kept-alive connections (or with part of their next request head) at a
+        stop: handed to the serving workers (APPD_HANDOFF_FD) when the master said
+        they take them. The others stay open until their keep-alive deadline, and a
         request one sends meanwhile is served with `Connection: close`: closing an
         idle connection under a client would race its next request."""
+        for conn in idle:
+            self.pass_on(conn)
+
+    def pass_on(self, conn) -> bool:
+        """Hand one connection on; False if it stays here (not handing off, it cannot
+        move, or the channel is full: then later responses here say close)."""
+        if not self.server.handing_off or not hasattr(conn, "handoff_data"):
+            return False
+        data = conn.handoff_data()
+        sock = conn.transport.get_extra_info("socket") if data is not None else None
+        if sock is None:
+            return False
+        conn.pause_reading()  # the transport reads no more: `data` is all it took
+        if not self.handoff.send(sock, data, conn.name):
+            self.server.handing_off = False
+            conn.resume_reading()
+            return False
+        # Our descriptor only: the channel holds its own reference, so closing ours
+        # (no shutdown(), which would end the connection for every holder) sends no FIN.
+        conn.transport.abort()
+        self.handed_on += 1
+        return True
 
     # --- signals: record, then wake the loop ---
 

@@ -177,6 +177,19 @@ class Worker:
             self.log.info("max_requests_reached", requests=self.requests)
             self.alive = False
 
+    def handoff_wanted(self) -> bool:
+        """Hand idle connections on when the master said the serving workers take
+        them (HANDOFF=1), or when recycling (max_requests: this generation's
+        other workers take them). Never on drain: the whole service stops."""
+        if getattr(self, "handoff", None) is None or self.sweep:
+            return False
+        if self.recycling():
+            return True
+        return self.reporter.orders().get("HANDOFF") == "1"
+
+    def recycling(self) -> bool:
+        return bool(self.max_requests) and self.requests >= self.max_requests
+
     def accept_failed(self, exc: OSError) -> float | None:
         """An accept() error: for EMFILE/ENFILE/ENOBUFS/ENOMEM, log it and return how
         long to pause accepting (doubling up to a second while it lasts); None for

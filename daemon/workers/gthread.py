@@ -280,19 +280,6 @@ class ThreadWorker(Worker):
             self.handing_off = self.handoff_wanted()
         super()._graceful(signum, frame)
 
-    def handoff_wanted(self) -> bool:
-        """Hand idle connections on when the master said the serving workers take
-        them (HANDOFF=1), or when recycling (max_requests: this generation's
-        other workers take them). Never on drain: the whole service stops."""
-        if getattr(self, "handoff", None) is None or self.sweep:
-            return False
-        if self.recycling():
-            return True
-        return self.reporter.orders().get("HANDOFF") == "1"
-
-    def recycling(self) -> bool:
-        return bool(self.max_requests) and self.requests >= self.max_requests
-
     def pass_on_held(self) -> None:
         for kept in list(self.held.values()):
             self.forget(kept)
