@@ -67,6 +67,7 @@ class ThreadWorker(Worker):
         self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
         self.busy = 0                                         # connections handed to threads
+        self.serving_since: dict[int, float] = {}             # id(kept) -> when a thread took it
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
         self.held: dict = {}                                  # socket -> Kept, in the poller
         self.max_connections = self.connection_limit(cfg["worker_connections"])
@@ -194,7 +195,9 @@ class ThreadWorker(Worker):
         """Hand connections with a complete head to free threads, oldest first."""
         while self.waiting and self.busy < self.threads:
             self.busy += 1
-            self.pool.submit(self.run_connection, self.waiting.popleft())
+            kept = self.waiting.popleft()
+            self.serving_since[id(kept)] = time.monotonic()
+            self.pool.submit(self.run_connection, kept)
 
     def run_connection(self, kept: Kept) -> None:
         keep = False
@@ -218,6 +221,7 @@ class ThreadWorker(Worker):
             except queue.Empty:
                 return
             self.busy -= 1
+            self.serving_since.pop(id(kept), None)
             if not keep:
                 continue  # closed by the thread
             if kept.has_request:  # e.g. a pipelined request that must be refused
@@ -231,6 +235,11 @@ class ThreadWorker(Worker):
         """Whether a response may keep its connection alive: yes while serving, and
         while stopping when the connection will be handed on afterwards."""
         return self.alive or self.handing_off
+
+    def load_now(self) -> tuple:
+        """(threads serving a connection, age of the longest-served one)."""
+        oldest = min(self.serving_since.values(), default=None)
+        return self.busy, (time.monotonic() - oldest if oldest is not None else 0.0)
 
     def count_request_locked(self) -> None:
         with self.count_lock:
