@@ -67,6 +67,7 @@ class Daemon:
         self._processes: dict = {}
         self.metrics = MetricsState()  # request counts etc., continuous across generations and re-execs
         self.health = None  # metrics_bind: /metrics, /livez, /readyz (health_server)
+        self.statsd = None  # statsd_host: the same figures over UDP
         self.loop.on_error = self.internal_error
 
     # --- life ---
@@ -125,6 +126,9 @@ class Daemon:
             self.exit(1)
 
     def start_health_server(self, reexecuted: bool) -> None:
+        if self.cfg.statsd_host:
+            from .statsd import StatsdSink
+            self.statsd = StatsdSink(self, self.cfg.statsd_host, self.cfg.statsd_prefix)
         if not self.cfg.metrics_bind:
             return
         from .health_server import HealthServer
@@ -159,6 +163,8 @@ class Daemon:
         self.control.close()
         if self.health is not None:
             self.health.shutdown()
+        if self.statsd is not None:
+            self.statsd.close()
         for listener in self.listeners:
             self._close_listener(listener)
         self.handoff.close()

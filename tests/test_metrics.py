@@ -62,7 +62,12 @@ def test_counters_continuous_across_upgrade_reload_recycling_and_reexec(start_ap
 
 
 def test_health_and_status_while_every_worker_is_busy(start_appd, tmp_path):
-    appd, marks = start_slow_app(start_appd, tmp_path, "-w", "1", "--metrics-bind", "127.0.0.1:0")
+    statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    statsd.bind(("127.0.0.1", 0))
+    statsd.settimeout(10)
+    appd, marks = start_slow_app(start_appd, tmp_path, "-w", "1", "--metrics-bind", "127.0.0.1:0",
+                                 "--statsd-host", f"127.0.0.1:{statsd.getsockname()[1]}",
+                                 "--statsd-prefix", "shop")
     address = metrics_address(appd)
     held = in_background(http_get, appd.address, "/slow?s=4", timeout=20)
     wait_until(lambda: any(marks.iterdir()), 10, message="the slow request to reach the worker")
@@ -83,8 +88,13 @@ def test_health_and_status_while_every_worker_is_busy(start_appd, tmp_path):
         assert total(scrape(appd), "appd_workers", state="busy") == 1
         result = appd.ctl("status")
         assert "BUSY" in result.stdout and " 1 (" in result.stdout and "queued 1/" in result.stdout, result.stdout
+        # the StatsD sink sends the same figures, from the daemon too
+        lines = wait_until(lambda: [line for line in statsd.recv(65536).decode().splitlines()
+                                    if line.startswith("shop.workers.1.busy:")], 15, message="a StatsD datagram")
+        assert lines == ["shop.workers.1.busy:1|g"], lines
     finally:
         waiting.close()
+        statsd.close()
         held["thread"].join(20)
 
 
