@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", "daemon, generations, workers, listeners, last operation")
     command("ping", "liveness")
+    top = command("top", "live view: requests/s, busy, RSS, CPU per worker, backlog, running operation")
+    top.add_argument("--interval", type=_seconds, default=2.0, metavar="S", help="seconds between views (default 2)")
+    top.add_argument("--count", type=int, default=None, metavar="N", help="stop after N views (default: never)")
     reload = command("reload", "re-read the config and replace workers, new ones first")
     reload.add_argument("--no-wait", action="store_true", help="reply once started")
     upgrade = command("upgrade", "start a new generation with new code, then drain the old")
@@ -116,6 +119,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "top":
+        return run_top(args)
     command, params = request_for(args)
     timeout = args.timeout or (_QUICK_TIMEOUT if command in ("ping", "status", "reopen_logs") else _LONG_TIMEOUT)
     out = _SurvivesClosedPipe(JsonOutput() if args.json else HumanOutput(command))
@@ -130,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_FAILED
     out.result(result)
     return protocol.EXIT_OK
+
+
+def run_top(args: argparse.Namespace) -> int:
+    from . import top
+    try:
+        return top.run(args.socket, args.interval, args.count, args.timeout or _QUICK_TIMEOUT)
+    except CommandError as exc:
+        HumanOutput("top").error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return protocol.EXIT_OK
 
 
 class _SurvivesClosedPipe:

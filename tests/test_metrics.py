@@ -61,6 +61,22 @@ def test_counters_continuous_across_upgrade_reload_recycling_and_reexec(start_ap
     assert (("appd_listen_max_queued", frozenset({("listener", listener)})) in samples)
 
 
+def test_top_prints_count_views_then_exits(start_appd):
+    appd = start_appd("-w", "2")
+    for _ in range(4):
+        appd.get("/")
+    result = appd.ctl("top", "--count", "2", "--interval", "0.5", timeout=30)
+    assert result.returncode == 0, result.stderr
+    views = result.stdout.strip().split("\n\n")  # not a terminal: plain blocks, no escapes
+    assert len(views) == 2 and "\x1b" not in result.stdout, result.stdout
+    workers = {w["pid"] for w in appd.status()["generations"][-1]["workers"]}
+    for view in views:
+        assert "REQ/S" in view and "backlog 0/" in view, view
+        assert {int(line.split()[1]) for line in view.splitlines()[3:]} == workers, view
+    assert "-" in views[0].splitlines()[3].split()[3]   # no rate before a second view
+    float(views[1].splitlines()[3].split()[3])           # then a number
+
+
 def test_health_and_status_while_every_worker_is_busy(start_appd, tmp_path):
     statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     statsd.bind(("127.0.0.1", 0))
