@@ -307,6 +307,11 @@ def asgi(ctx: Context):
     return run(ctx)
 
 
+def metrics(ctx: Context):
+    from metrics_bench import run  # imports this module: loaded on use
+    return run(ctx)
+
+
 SCENARIOS = {
     "hello": (hello_throughput, "1. hello-world WSGI throughput, 2 and 4 workers"),
     "flask": (flask_throughput, "2. Flask throughput, 2 and 4 workers"),
@@ -318,4 +323,5 @@ SCENARIOS = {
     "scale": (scale_up, "7. scale +1 to serving"),
     "keepalive": (keepalive_soak, "8. keep-alive clients through upgrades and reloads, direct and behind nginx/HAProxy"),
     "asgi": (asgi, "9. ASGI: asgi worker vs uvicorn, granian, gunicorn+UvicornWorker; upgrades, WebSockets"),
+    "metrics": (metrics, "10. metrics: cost on vs off, counters through upgrades, /metrics and /readyz latency"),
 }
