@@ -40,6 +40,7 @@ class HealthServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Collector(daemon))
         self.clients: dict[socket.socket, list] = {}  # sock -> [received, deadline, unsent]
+        self.paused = False
         daemon.loop.add_reader(self.sock, self.accept)
         daemon.loop.call_later(1.0, self.expire)
 
@@ -49,7 +50,13 @@ class HealthServer:
         return f"{host}:{port}"
 
     def accept(self, mask: int) -> None:
-        while len(self.clients) < MAX_CLIENTS:
+        while True:
+            if len(self.clients) >= MAX_CLIENTS:
+                # Stop watching the listener (it stays readable: the loop would spin);
+                # connections wait in its backlog until a client is done.
+                self.daemon.loop.remove(self.sock)
+                self.paused = True
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -125,6 +132,9 @@ class HealthServer:
         self.daemon.loop.remove(conn)
         self.clients.pop(conn, None)
         conn.close()
+        if self.paused and self.sock.fileno() >= 0:
+            self.paused = False
+            self.daemon.loop.add_reader(self.sock, self.accept)
 
     def shutdown(self) -> None:
         for conn in list(self.clients):

@@ -6,6 +6,9 @@ re-exec; status shows busy workers and the listen backlog."""
 from __future__ import annotations
 
 import socket
+import time
+
+import psutil
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -136,3 +139,28 @@ def test_readyz_503_before_a_generation_serves_and_while_draining(start_appd, tm
     finally:
         draining.communicate(timeout=30)
         held["thread"].join(20)
+
+
+def test_metrics_listener_bounds_its_clients(start_appd):
+    """Idle and oversized clients cannot starve the listener: at most 16 at once,
+    the rest wait in the backlog, and a head over 8 KiB is refused."""
+    appd = start_appd("-w", "1", "--metrics-bind", "127.0.0.1:0")
+    host, _, port = metrics_address(appd).rpartition(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(20)]  # never send anything
+    try:
+        waiting = in_background(http_get, f"{host}:{port}", "/livez", timeout=20)
+        assert appd.ctl("status").returncode == 0  # the daemon's loop goes on meanwhile
+        daemon = psutil.Process(appd.pid)
+        before = sum(daemon.cpu_times()[:2])
+        time.sleep(1.5)  # a window to measure CPU over, not a wait for a condition
+        assert sum(daemon.cpu_times()[:2]) - before < 0.75, "the daemon spins while its clients are full"
+        for sock in idle[:8]:
+            sock.close()  # free places: the waiting probe is taken
+        waiting["thread"].join(20)
+        assert waiting.get("result", (None,))[0] == 200, waiting
+        with socket.create_connection((host, int(port)), timeout=10) as big:
+            big.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000)
+            assert big.recv(100).startswith(b"HTTP/1.1 431"), "oversized head"
+    finally:
+        for sock in idle:
+            sock.close()
