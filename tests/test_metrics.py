@@ -64,22 +64,6 @@ def test_counters_continuous_across_upgrade_reload_recycling_and_reexec(start_ap
     assert (("appd_listen_max_queued", frozenset({("listener", listener)})) in samples)
 
 
-def test_top_prints_count_views_then_exits(start_appd):
-    appd = start_appd("-w", "2")
-    for _ in range(4):
-        appd.get("/")
-    result = appd.ctl("top", "--count", "2", "--interval", "0.5", timeout=30)
-    assert result.returncode == 0, result.stderr
-    views = result.stdout.strip().split("\n\n")  # not a terminal: plain blocks, no escapes
-    assert len(views) == 2 and "\x1b" not in result.stdout, result.stdout
-    workers = {w["pid"] for w in appd.status()["generations"][-1]["workers"]}
-    for view in views:
-        assert "REQ/S" in view and "backlog 0/" in view, view
-        assert {int(line.split()[1]) for line in view.splitlines()[3:]} == workers, view
-    assert "-" in views[0].splitlines()[3].split()[3]   # no rate before a second view
-    float(views[1].splitlines()[3].split()[3])           # then a number
-
-
 def test_health_and_status_while_every_worker_is_busy(start_appd, tmp_path):
     statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     statsd.bind(("127.0.0.1", 0))
@@ -141,7 +125,7 @@ def test_readyz_503_before_a_generation_serves_and_while_draining(start_appd, tm
         held["thread"].join(20)
 
 
-def test_metrics_listener_bounds_its_clients(start_appd):
+def test_metrics_listener_bounds_its_clients_and_top(start_appd):
     """Idle and oversized clients cannot starve the listener: at most 16 at once,
     the rest wait in the backlog, and a head over 8 KiB is refused."""
     appd = start_appd("-w", "1", "--metrics-bind", "127.0.0.1:0")
@@ -164,3 +148,20 @@ def test_metrics_listener_bounds_its_clients(start_appd):
     finally:
         for sock in idle:
             sock.close()
+    top_prints_count_views_then_exits(appd)
+
+
+def top_prints_count_views_then_exits(appd):
+    """appdctl top --count 2: two views, plain (not a terminal), a rate from the second on."""
+    for _ in range(4):
+        appd.get("/")
+    result = appd.ctl("top", "--count", "2", "--interval", "0.5", timeout=30)
+    assert result.returncode == 0, result.stderr
+    views = result.stdout.strip().split("\n\n")  # not a terminal: plain blocks, no escapes
+    assert len(views) == 2 and "\x1b" not in result.stdout, result.stdout
+    workers = {w["pid"] for w in appd.status()["generations"][-1]["workers"]}
+    for view in views:
+        assert "REQ/S" in view and "backlog 0/" in view, view
+        assert {int(line.split()[1]) for line in view.splitlines()[3:]} == workers, view
+    assert "-" in views[0].splitlines()[3].split()[3]   # no rate before a second view
+    float(views[1].splitlines()[3].split()[3])           # then a number
