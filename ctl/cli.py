@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", "daemon, generations, workers, listeners, last operation")
     command("ping", "liveness")
+    top = command("top", "live view: requests/s, busy, RSS, CPU per worker, backlog, running operation")
+    top.add_argument("--interval", type=_seconds, default=2.0, metavar="S", help="seconds between views (default 2)")
+    top.add_argument("--count", type=int, default=None, metavar="N", help="stop after N views (default: never)")
     reload = command("reload", "re-read the config and replace workers, new ones first")
     reload.add_argument("--no-wait", action="store_true", help="reply once started")
     upgrade = command("upgrade", "start a new generation with new code, then drain the old")
@@ -116,6 +119,8 @@ def request_for(args: argparse.Namespace) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "top":
+        return run_top(args)
     command, params = request_for(args)
     timeout = args.timeout or (_QUICK_TIMEOUT if command in ("ping", "status", "reopen_logs") else _LONG_TIMEOUT)
     out = _SurvivesClosedPipe(JsonOutput() if args.json else HumanOutput(command))
@@ -130,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_FAILED
     out.result(result)
     return protocol.EXIT_OK
+
+
+def run_top(args: argparse.Namespace) -> int:
+    from . import top
+    try:
+        return top.run(args.socket, args.interval, args.count, args.timeout or _QUICK_TIMEOUT)
+    except CommandError as exc:
+        HumanOutput("top").error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return protocol.EXIT_OK
 
 
 class _SurvivesClosedPipe:
@@ -222,21 +238,37 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1048576:.1f}M"
 
 
+def _backlog(listener: dict) -> str:
+    if listener.get("queued") is None:
+        return ""
+    return f"  queued {listener['queued']}/{listener['max_queued']}"
+
+
+def _busy(worker: dict) -> str:
+    """busy count and the current request's age, e.g. "1 (3.2s)"; "-" when not reported."""
+    if worker.get("busy") is None:
+        return "-"
+    return f"{worker['busy']} ({worker['request_age_s']:.1f}s)" if worker["busy"] else "0"
+
+
 def format_status(status: dict) -> str:
     daemon = status["daemon"]
     lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {daemon.get('state', '')}  "
              f"up {_age(daemon['uptime_s'])}  rss {_size(daemon.get('rss_bytes', 0))}  socket {daemon['socket']}"]
     for listener in status["listeners"]:
-        lines.append(f"listener {listener['name']}: {listener['address']} (fd {listener['fd']})")
+        lines.append(f"listener {listener['name']}: {listener['address']} (fd {listener['fd']}){_backlog(listener)}")
+    if daemon.get("metrics_address"):
+        lines.append(f"metrics: http://{daemon['metrics_address']}/metrics  /livez  /readyz")
     lines.append(f"target workers: {status['target_workers']}")
-    rows = [("GEN", "STATE", "MASTER", "WORKER", "WSTATE", "AGE", "REQS", "RSS", "CPU")]
+    rows = [("GEN", "STATE", "MASTER", "WORKER", "WSTATE", "AGE", "REQS", "BUSY", "RSS", "CPU")]
     for gen in status["generations"]:
         head = (str(gen["id"]), gen["state"], str(gen["master_pid"]))
         if not gen["workers"]:
-            rows.append(head + ("-",) * 6)
+            rows.append(head + ("-",) * 7)
         for worker in gen["workers"]:
             rows.append(head + (str(worker["pid"]), worker["state"], _age(worker["age"]),
-                                str(worker["requests"]), _size(worker["rss_bytes"]), f"{worker['cpu_percent']:.0f}%"))
+                                str(worker["requests"]), _busy(worker), _size(worker["rss_bytes"]),
+                                f"{worker['cpu_percent']:.0f}%"))
             head = ("", "", "")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -114,11 +114,12 @@ class RequestLog:
         self.format = cfg.get("access_log_format")
         self.keys = _ATOM.findall(self.format) if self.format else []
         self.worker = worker
+        self.counts = getattr(worker, "counts", None)  # request metrics (metrics_bind/statsd_host)
         self.pre_request = cfg.get("pre_request")
         self.post_request = cfg.get("post_request")
 
     def __bool__(self) -> bool:
-        return bool(self.destination or self.pre_request or self.post_request)
+        return bool(self.destination or self.pre_request or self.post_request or self.counts)
 
     def before(self, req, environ: dict) -> None:
         if self.pre_request:
@@ -126,6 +127,10 @@ class RequestLog:
                        hooks.RequestView(req, environ))
 
     def write(self, environ: dict, req, resp, duration_s: float) -> None:
+        if self.counts is not None:
+            answered = resp is not None and resp.status
+            self.counts.observe_environ(environ, resp.status[:3] if answered else "499",
+                                        resp.sent if resp is not None else 0, duration_s)
         if self.post_request:
             hooks.call(self.post_request, self.worker.log, self.worker.view,
                        hooks.RequestView(req, environ), environ, hooks.ResponseView(resp))
@@ -136,6 +141,10 @@ class RequestLog:
                    headers=()) -> None:
         """An ASGI request's line (the asgi worker): its scope read as the environ the atoms use.
         gunicorn's pre_request/post_request are WSGI hooks and are not called here."""
+        if self.counts is not None:
+            server = scope.get("server") or ("", "")
+            self.counts.observe(f"{server[0]}:{server[1]}", scope.get("method", "WEBSOCKET"), str(status),
+                                sent, duration_s)
         if self.destination is None:
             return
         query = scope.get("query_string", b"").decode("latin-1")

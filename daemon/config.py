@@ -204,6 +204,16 @@ def _proxy_protocol(value):
     return _choice("off", "v1", "v2", "auto")(value)
 
 
+def _optional_host_port(value):
+    """HOST:PORT or [V6]:PORT, or None (off)."""
+    if value in (None, ""):
+        return None
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return str(value)
+
+
 def _bind(value):
     from .listeners import parse_address
     addresses = _str_list(value)
@@ -293,6 +303,11 @@ SETTINGS: list[Setting] = [
     Setting("control_socket_group", _optional_str, None, "group owning the control socket", metavar="GROUP"),
     Setting("control_allow_uids", _int_list, [], "further uids allowed on the control socket", metavar="UIDS"),
     Setting("control_allow_gids", _int_list, [], "further gids allowed on the control socket", metavar="GIDS"),
+    Setting("metrics_bind", _optional_host_port, None, "HOST:PORT where the daemon serves /metrics "
+            "(Prometheus), /livez and /readyz (default: off)", metavar="ADDRESS"),
+    Setting("statsd_host", _optional_host_port, None, "HOST:PORT of a StatsD server the daemon sends "
+            "the same figures to over UDP (default: off)", metavar="ADDRESS"),
+    Setting("statsd_prefix", _str, "appd", "prefix of every StatsD metric name", metavar="PREFIX"),
     Setting("python", _str, sys.executable, "interpreter for new generations (re-resolved at each upgrade)",
             metavar="PATH", needs_upgrade=True),
     Setting("chdir", _str, None, "directory new generations run in and import the app from "

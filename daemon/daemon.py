@@ -19,6 +19,7 @@ from . import __version__, config, handoff, listeners as listeners_mod, log, pid
 from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
+from .metrics import MetricsState
 from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
 
 # Settings only the daemon uses; a master gets everything else.
@@ -64,6 +65,9 @@ class Daemon:
         self.recovery_timer = None
         self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
         self._processes: dict = {}
+        self.metrics = MetricsState()  # request counts etc., continuous across generations and re-execs
+        self.health = None  # metrics_bind: /metrics, /livez, /readyz (health_server)
+        self.statsd = None  # statsd_host: the same figures over UDP
         self.loop.on_error = self.internal_error
 
     # --- life ---
@@ -81,6 +85,7 @@ class Daemon:
                 unix_mode=self.cfg.unix_socket_mode)
             self.control = ControlServer(self, self.cfg)
         self.handoff = self.handoff or handoff.Channel.create()
+        self.start_health_server(reexecuted=state is not None)
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
         self.write_pidfile(reexecuted=state is not None)
@@ -120,6 +125,28 @@ class Daemon:
                            "became ready; see its output above")
             self.exit(1)
 
+    def start_health_server(self, reexecuted: bool) -> None:
+        if self.cfg.statsd_host:
+            from .statsd import StatsdSink
+            self.statsd = StatsdSink(self, self.cfg.statsd_host, self.cfg.statsd_prefix)
+        if not self.cfg.metrics_bind:
+            return
+        from .health_server import HealthServer
+        try:
+            self.health = HealthServer(self, self.cfg.metrics_bind)
+        except OSError as exc:
+            if not reexecuted:
+                raise config.ConfigError(f"metrics_bind {self.cfg.metrics_bind}: {exc.strerror or exc}") from exc
+            self.log.error("metrics_listener_failed", metrics_bind=self.cfg.metrics_bind, error=str(exc))
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503, or None when ready: a generation serves and we are not stopping."""
+        if self.state == "stopping":
+            return "stopping"
+        if self.serving is None:
+            return "no generation is serving"
+        return None
+
     def exit(self, code: int) -> None:
         if self.exit_code is None:
             self.exit_code = code
@@ -134,6 +161,10 @@ class Daemon:
             generation.kill(signal.SIGKILL)
         self.kill_stragglers()
         self.control.close()
+        if self.health is not None:
+            self.health.shutdown()
+        if self.statsd is not None:
+            self.statsd.close()
         for listener in self.listeners:
             self._close_listener(listener)
         self.handoff.close()
@@ -154,6 +185,7 @@ class Daemon:
                          self.on_generation_message)
         self.next_generation += 1
         self.generations.append(generation)
+        self.metrics.count("generations", "started")
         self.log.info("generation_started", generation=generation.id, master=generation.pid)
         return generation
 
@@ -200,6 +232,11 @@ class Daemon:
             return
         if message.get("t") == "workers":
             generation.snapshot = message
+        elif message.get("t") == "metrics":
+            self.metrics.add_requests(message.get("requests") or {})
+            for cause in message.get("exits") or ():
+                self.metrics.count("worker_exits", str(cause))
+            return
         elif message.get("t") == "ready" and generation.state not in (SERVING, DRAINING):
             generation.state = READY
         if self.operation is not None:
@@ -220,6 +257,8 @@ class Daemon:
         was = generation.state
         generation.exit_status = how
         generation.state = FAILED if was in ("starting", READY) or generation.rolled_back else EXITED
+        if generation.state == FAILED:
+            self.metrics.count("generations", "rolled_back" if generation.rolled_back else "failed")
         generation.snapshot = {**generation.snapshot, "workers": []}
         generation.close(self.loop)
         self.log.info("generation_exited", generation=generation.id, status=how, was=was,
@@ -363,6 +402,7 @@ class Daemon:
         self.last_operation = {"op": operation.name, "ok": ok, "outcome": outcome,
                                "error": error["message"] if error else None,
                                "duration_s": round(time.monotonic() - operation.started, 3)}
+        self.metrics.operation_done(operation.name, outcome, time.monotonic() - operation.started)
         if ok:
             operation.responder.done(result or {})
         else:
@@ -461,7 +501,8 @@ class Daemon:
         status = {
             "daemon": {"pid": self.pid, "version": __version__, "state": self.state,
                        "uptime_s": round(time.monotonic() - self.started, 1), "socket": self.control.path,
-                       "rss_bytes": self.process_usage(self.pid)[0]},
+                       **dict(zip(("rss_bytes", "cpu_percent"), self.process_usage(self.pid))),
+                       "metrics_address": self.health.address if self.health else None},
             "target_workers": self.target,
             "listeners": [l.describe() for l in self.listeners],
             "generations": [g.describe(self.process_usage) for g in self.generations if g.alive],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import stat
 from dataclasses import dataclass
 
@@ -77,7 +78,23 @@ class Listener:
         return f"{name[0]}:{name[1]}"
 
     def describe(self) -> dict:
-        return {"name": self.name, "address": self.address, "fd": self.fd}
+        described = {"name": self.name, "address": self.address, "fd": self.fd}
+        described.update(zip(("queued", "max_queued"), backlog(self.sock)))
+        return described
+
+
+def backlog(sock: socket.socket) -> tuple:
+    """(connections waiting to be accepted, the backlog's size) of a listening TCP
+    socket: Linux reports them in TCP_INFO as tcpi_unacked and tcpi_sacked.
+    () where that is not available (unix sockets, other systems)."""
+    if sock.family == socket.AF_UNIX or not hasattr(socket, "TCP_INFO"):
+        return ()
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return ()
+    # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked
+    return struct.unpack_from("=II", info, 24) if len(info) >= 32 else ()
 
 
 def _remove_stale_unix(path: str) -> None:

@@ -22,7 +22,7 @@ import traceback
 from appdctl.protocol import FrameDecoder
 
 from . import app as app_loading
-from . import handoff, hooks
+from . import handoff, hooks, metrics
 from . import listeners as listeners_mod
 from . import log, proc, process_setup
 from .channel import Channel
@@ -54,6 +54,8 @@ class Master:
         self.exit_code = 0
         self.dirty = True
         self.last_report = 0.0
+        self.unreported_metrics: dict = {}  # counts of exited workers, not yet sent to the daemon
+        self.unreported_exits: list[str] = []
         self.loop = Loop()
         self.log = log.get(role="master")
         self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
@@ -164,8 +166,11 @@ class Master:
             if handle is None:
                 continue
             self.loop.remove(handle.sock)
-            handle.read_reports()
+            handle.read_reports()  # the worker's last counts, flushed as it exited
             handle.close()
+            metrics.merge(self.unreported_metrics, handle.unreported)
+            if handle.ready:
+                self.unreported_exits.append(metrics.exit_cause(handle.stop_cause, handle.forced, status == 0))
             self.dirty = True
             handle.exit_status = status
             self.gunicorn_hook("child_exit", hooks.HandleView(handle, self.server.log))
@@ -237,6 +242,7 @@ class Master:
         that stay (of the class now configured) take its idle connections if they can."""
         if getattr(self.worker_cls, "TAKES_HANDOFF", False):
             handle.send("HANDOFF=1")
+        handle.stop_cause = handle.stop_cause or ("retire" if handle.outgoing else "scale")
         handle.stop(self.worker_cls.GRACEFUL_SIGNAL, self.cfg["graceful_timeout"])
 
     def stop_workers(self, graceful: bool, sweep: bool = False, timeout: float | None = None,
@@ -253,6 +259,7 @@ class Master:
         for handle in self.workers.values():
             if graceful and handoff and not sweep:
                 handle.send("HANDOFF=1")  # before the signal, so the worker reads it on waking
+            handle.stop_cause = handle.stop_cause or "generation_stop"
             handle.stop(signum, grace)
         self.dirty = True
 
@@ -388,11 +395,22 @@ class Master:
             return
         self.dirty = False
         self.last_report = now
+        self.report_metrics()
         # Outgoing workers (reload, retire) are still ready and taking requests until told to stop.
         taking_requests = sum(1 for h in self.workers.values() if h.ready and h.stop_sent_at is None)
         self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
                            "ready": taking_requests,
                            "workers": [h.describe() for h in self.workers.values()]})
+
+    def report_metrics(self) -> None:
+        """Pass the request counts workers reported since last time on to the daemon (deltas)."""
+        requests, self.unreported_metrics = self.unreported_metrics, {}
+        for handle in self.workers.values():
+            metrics.merge(requests, handle.unreported)
+            handle.unreported = {}
+        exits, self.unreported_exits = self.unreported_exits, []
+        if requests or exits:
+            self.channel.send({"t": "metrics", "requests": requests, "exits": exits})
 
     def call_hook(self, name: str) -> None:
         """appd's own master hooks (on_ready): f(master)."""

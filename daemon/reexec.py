@@ -20,6 +20,7 @@ import msgpack
 from appdctl import protocol
 
 from . import __version__
+from .metrics import MetricsState
 
 STATE_VERSION = 1
 STATE_FD_ENV = "APPD_DAEMON_STATE_FD"
@@ -109,6 +110,7 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
         "operation_age": time.monotonic() - daemon.operation.started if daemon.operation else 0.0,
         "crashes": daemon.crashes,
         "state": daemon.state,
+        "metrics": daemon.metrics.to_state(),
         "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec, "owned": l.owned} for l in daemon.listeners],
         "generation_env": daemon.generation_env,
         "control": {"fd": daemon.control.sock.fileno(), "path": daemon.control.path},
@@ -190,6 +192,7 @@ def restore(daemon, state: dict) -> None:
     daemon.last_operation = {"op": "upgrade-daemon", "ok": True, "outcome": "done", "error": None,
                              "duration_s": round(state["operation_age"], 3)}
     daemon.crashes = state["crashes"]
+    daemon.metrics = MetricsState(state.get("metrics"))
     daemon.state = state["state"]
     daemon.generation_env = state.get("generation_env", {})
     daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"], l.get("owned", l["spec"].startswith("unix:")))

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 
+from .metrics import merge, parse_deltas
 from .workers.notify import parse
 
 BOOTING, READY, STOPPING = "booting", "ready", "stopping"
@@ -29,6 +30,9 @@ class WorkerHandle:
         self.kill_at: float | None = None   # SIGKILL if still alive then
         self.forced = False                 # it needed SIGABRT or SIGKILL
         self.boot_error: str | None = None
+        self.unreported: dict = {}          # request counts not yet passed on to the daemon
+        self.stop_cause: str | None = None  # why the master stopped it (worker exits metric)
+        self.request_start: float | None = None  # wall time the current request began (sync worker)
 
     @property
     def ready(self) -> bool:
@@ -67,6 +71,10 @@ class WorkerHandle:
             if "X_APPD_BUSY" in fields:
                 self.busy = int(fields["X_APPD_BUSY"] or 0)
                 self.request_age = float(fields.get("X_APPD_REQUEST_AGE") or 0)
+                self.request_start = float(fields["X_APPD_REQUEST_START"]) if "X_APPD_REQUEST_START" in fields \
+                    else None
+            if "X_APPD_METRICS" in fields:
+                merge(self.unreported, parse_deltas(fields["X_APPD_METRICS"]))
 
     def send(self, text: str) -> None:
         try:
@@ -102,7 +110,9 @@ class WorkerHandle:
         described = {"pid": self.pid, "state": self.state, "started_at": self.started_wall,
                      "requests": self.requests}
         if self.busy is not None:
-            described.update(busy=self.busy, request_age_s=round(self.request_age, 3))
+            # A sync worker cannot report while it serves: it sent when its request began.
+            age = time.time() - self.request_start if self.request_start is not None else self.request_age
+            described.update(busy=self.busy, request_age_s=round(max(0.0, age), 3))
         return described
 
     def close(self) -> None:

@@ -159,7 +159,9 @@ def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
         assert after["daemon"]["pid"] == before["daemon"]["pid"] == appd.pid
         assert after["daemon"]["version"] == "0.1.0+reexec"
         assert [g["id"] for g in after["generations"]] == [g["id"] for g in before["generations"]]
-        assert after["listeners"] == before["listeners"]
+        same = ("name", "address", "fd")  # not the backlog's queued count, which moves under load
+        assert [{k: l[k] for k in same} for l in after["listeners"]] == \
+            [{k: l[k] for k in same} for l in before["listeners"]]
         assert after["last_operation"]["op"] == "upgrade-daemon" and after["last_operation"]["ok"]
         load.wait_for(20)  # still serving after the re-exec
         assert appd.ctl("upgrade").returncode == 0, "the re-exec'd daemon still drives generations"

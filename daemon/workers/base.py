@@ -25,6 +25,7 @@ import traceback
 from .. import app as app_loading
 from .. import hooks, log, proc
 from ..http.proxy import tls_context
+from ..metrics import WorkerCounts
 from .notify import Reporter
 
 # accept() failing for want of descriptors or buffers: the process is fine, the moment
@@ -59,6 +60,8 @@ class Worker:
         self.serving = False  # until then a stop request ends the worker at once
         self.sweep = False
         self.requests = 0
+        self.counts = WorkerCounts() if cfg.get("metrics_bind") or cfg.get("statsd_host") else None
+        self.last_busy_report = 0.0
         self.last_heartbeat = 0.0
         self.log = None
         self.accept_pause = 0.0
@@ -86,6 +89,7 @@ class Worker:
         try:
             self.serve()
         finally:
+            self.report_counts()  # the last counts must reach the daemon before we exit
             self.call_hook("worker_exit")
         return 0
 
@@ -162,6 +166,21 @@ class Worker:
         if now - self.last_heartbeat >= 1.0:
             self.last_heartbeat = now
             self.reporter.heartbeat(self.requests, *self.load_now())
+            self.report_counts()
+
+    def report_counts(self) -> None:
+        """The request metrics counted since the last report, as one datagram (deltas)."""
+        taken = self.counts.take() if self.counts is not None else None
+        if taken is not None:
+            self.reporter.send("X_APPD_METRICS=" + taken)
+
+    def report_busy(self) -> None:
+        """A worker that cannot report while it serves (sync) says when its request began;
+        at most twice a second, so a busy worker pays one datagram per half second."""
+        now = time.monotonic()
+        if now - self.last_busy_report >= 0.5:
+            self.last_busy_report = now
+            self.reporter.send(f"X_APPD_BUSY=1\nX_APPD_REQUEST_AGE=0\nX_APPD_REQUEST_START={time.time():.3f}")
 
     def load_now(self) -> tuple:
         """(busy, age of the oldest request in s) for status, or () if not tracked."""

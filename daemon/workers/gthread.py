@@ -67,6 +67,7 @@ class ThreadWorker(Worker):
         self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
         self.busy = 0                                         # connections handed to threads
+        self.serving_since: dict[int, float] = {}             # id(kept) -> when a thread took it
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
         self.held: dict = {}                                  # socket -> Kept, in the poller
         self.max_connections = self.connection_limit(cfg["worker_connections"])
@@ -200,7 +201,9 @@ class ThreadWorker(Worker):
         """Hand connections with a complete head to free threads, oldest first."""
         while self.waiting and self.busy < self.threads:
             self.busy += 1
-            self.pool.submit(self.run_connection, self.waiting.popleft())
+            kept = self.waiting.popleft()
+            self.serving_since[id(kept)] = time.monotonic()
+            self.pool.submit(self.run_connection, kept)
 
     def run_connection(self, kept: Kept) -> None:
         keep = False
@@ -225,6 +228,7 @@ class ThreadWorker(Worker):
             except queue.Empty:
                 return
             self.busy -= 1
+            self.serving_since.pop(id(kept), None)
             if not keep:
                 continue  # closed by the thread
             if kept.has_request or kept.decrypted_waiting:
@@ -244,6 +248,13 @@ class ThreadWorker(Worker):
         """For a connection that cannot be handed on (TLS, PROXY protocol): keep it
         alive only while serving; once stopping, its next response says close."""
         return self.alive
+    def load_now(self) -> tuple:
+        """(threads serving a connection, age of the longest-served one)."""
+        serving_since = getattr(self, "serving_since", None)  # set when serve() begins
+        if serving_since is None:  # heartbeats while booting or gated, before serve()
+            return 0, 0.0
+        oldest = min(serving_since.values(), default=None)
+        return self.busy, (time.monotonic() - oldest if oldest is not None else 0.0)
 
     def count_request_locked(self) -> None:
         with self.count_lock:

@@ -31,6 +31,12 @@ def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
 
 
 class SyncWorker(Worker):
+    busy_since: float | None = None
+
+    def load_now(self) -> tuple:
+        if self.busy_since is None:
+            return 0, 0.0
+        return 1, time.monotonic() - self.busy_since
     def serve(self) -> None:
         sockets = [(l.sock, server_info(l, self.cfg)) for l in self.listeners]
         selector = selectors.DefaultSelector()
@@ -69,12 +75,15 @@ class SyncWorker(Worker):
             time.sleep(pause)  # one connection at a time: nothing else to do meanwhile
             return 0
         conn.setblocking(True)
+        self.report_busy()
+        self.busy_since = time.monotonic()
         try:
             # The heartbeat goes on while a slow client sends its head or body, so
             # such a client meets header_timeout (408), not the master's timeout.
             handle_connection(conn, addr, app, info, access_log, on_wait=self.heartbeat)
         finally:
             conn.close()
+            self.busy_since = None
         self.count_request()
         return 1
 

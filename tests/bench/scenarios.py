@@ -309,6 +309,11 @@ def asgi(ctx: Context):
     return run(ctx)
 
 
+def metrics(ctx: Context):
+    from metrics_bench import run  # imports this module: loaded on use
+    return run(ctx)
+
+
 SCENARIOS = {
     "hello": (hello_throughput, "1. hello-world WSGI throughput, 2 and 4 workers"),
     "flask": (flask_throughput, "2. Flask throughput, 2 and 4 workers"),
@@ -322,4 +327,5 @@ SCENARIOS = {
     "asgi": (asgi, "9. ASGI: asgi worker vs uvicorn, granian, gunicorn+UvicornWorker; upgrades, WebSockets"),
     "conformance": (conformance, "10. HTTP/1.1 conformance corpus (cases answered as expected)"),
     "slowheads": (slow_heads, "11. slow clients: stalled request heads beside normal requests, sync and gthread"),
+    "metrics": (metrics, "12. metrics: cost on vs off, counters through upgrades, /metrics and /readyz latency"),
 }
