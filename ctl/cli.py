@@ -224,7 +224,10 @@ def _size(nbytes: int) -> str:
 
 def format_status(status: dict) -> str:
     daemon = status["daemon"]
-    lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {daemon.get('state', '')}  "
+    state = daemon.get("state", "")
+    if daemon.get("drain_delay_left_s") is not None:
+        state = f"draining, delay ({daemon['drain_delay_left_s']:.1f} s left)"
+    lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {state}  "
              f"up {_age(daemon['uptime_s'])}  rss {_size(daemon.get('rss_bytes', 0))}  socket {daemon['socket']}"]
     for listener in status["listeners"]:
         lines.append(f"listener {listener['name']}: {listener['address']} (fd {listener['fd']})")

@@ -266,6 +266,10 @@ SETTINGS: list[Setting] = [
             short="-t", metavar="S"),
     Setting("graceful_timeout", _seconds, 30.0, "time allowed to finish in-flight requests when "
             "stopping, before SIGKILL", metavar="S"),
+    Setting("drain_delay", _seconds, 0.0, "on drain (SIGTERM, appdctl drain, systemd stop), seconds "
+            "the service reports not ready (/readyz 503, status 'draining, delay') while it keeps "
+            "serving, so load balancers stop routing to it first; a second SIGTERM or appdctl stop "
+            "cuts it short", metavar="S"),
     Setting("boot_timeout", _seconds, 60.0, "time a new generation or worker has to become ready",
             metavar="S"),
     Setting("ready_check", _optional_str, None, "path each worker GETs in-process (2xx wanted) before "

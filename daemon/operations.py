@@ -327,12 +327,28 @@ class Shutdown(Operation):
 
     name = "drain"
 
+    delaying = False  # within drain_delay: not ready, still serving
+
     def start(self) -> None:
-        daemon = self.daemon
         self.quick = isinstance(self, Stop)
+        self.last_progress = 0.0
+        delay = 0.0 if self.quick else self.daemon.cfg.drain_delay
+        if delay > 0:
+            self.delaying = True
+            self.daemon.begin_drain_delay(delay)
+            self.progress("draining", phase="delay", delay_s=delay)
+            return
+        self.begin_draining()
+
+    def cut_delay_short(self, why: str) -> None:
+        self.log.info("drain_delay_cut_short", by=why)
+        self.begin_draining()
+
+    def begin_draining(self) -> None:
+        daemon = self.daemon
+        self.delaying = False
         timeout = self.args.get("timeout")
         grace = 2.0 if self.quick else (timeout if timeout is not None else daemon.cfg.graceful_timeout)
-        self.last_progress = 0.0
         daemon.begin_shutdown()
         for generation in [g for g in daemon.generations if g.alive]:
             if self.quick:
@@ -343,6 +359,14 @@ class Shutdown(Operation):
         self.maybe_done()
 
     def tick(self, now: float) -> None:
+        if self.delaying:
+            left = self.daemon.drain_delay_left()
+            if not left:
+                self.begin_draining()
+            elif now - self.last_progress >= 0.5:
+                self.last_progress = now
+                self.progress("draining", phase="delay", left_s=round(left, 1))
+            return
         if not self.quick and now - self.last_progress >= 0.5:
             self.last_progress = now
             left = sum(len(g.snapshot.get("workers", [])) for g in self.daemon.generations if g.alive)
@@ -352,7 +376,7 @@ class Shutdown(Operation):
         self.maybe_done()
 
     def maybe_done(self) -> None:
-        if not any(g.alive for g in self.daemon.generations):
+        if not self.delaying and not any(g.alive for g in self.daemon.generations):
             self.succeed(outcome="stopped" if self.quick else "drained",
                          seconds=round(time.monotonic() - self.started, 3))
             self.daemon.exit(0)

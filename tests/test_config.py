@@ -108,6 +108,7 @@ SAMPLES = {
     "ready_delay": ("0.5", 0.5),
     "timeout": ("12.5", 12.5),
     "graceful_timeout": ("7", 7.0),
+    "drain_delay": ("5", 5.0),
     "boot_timeout": ("9", 9.0),
     "ready_check": ("/healthz", "/healthz"),
     "max_requests": ("100", 100),
