@@ -248,6 +248,9 @@ SETTINGS: list[Setting] = [
             "unix:PATH or fd://N (repeatable)", short="-b", metavar="ADDRESS", repeatable=True),
     Setting("workers", _int(1), 2, "number of worker processes", short="-w", metavar="N"),
     Setting("max_workers", _int(1), 64, "upper bound for `appdctl scale`", metavar="N"),
+    Setting("max_surge", _int(0), 0, "most workers beyond the target an upgrade runs at once: the new "
+            "generation grows by this many as the old one shrinks by as many (0: the whole target "
+            "at once)", metavar="N"),
     Setting("worker_class", _choice("sync", "gthread", "asgi", "command"), "sync",
             "sync (one request at a time), gthread (thread pool, keep-alive), asgi (asyncio, ASGI 3 "
             "apps, WebSockets) or command (any program)", metavar="CLASS"),

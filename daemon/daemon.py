@@ -174,11 +174,12 @@ class Daemon:
     def generation_settings(self) -> dict:
         return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
 
-    def start_generation(self, extra_env: dict | None = None) -> Generation:
-        """A new generation; without `extra_env` it gets the serving one's (upgrade --env)."""
+    def start_generation(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
+        """A new generation of `target` workers (default: the daemon's); without `extra_env`
+        it gets the serving one's (upgrade --env)."""
         generation = Generation(self.next_generation, self.pid)
         generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
-        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
+        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), target or self.target,
                          self.listeners, {**generation.extra_env, **self.handoff.env()},
                          self.on_generation_message)
         self.next_generation += 1

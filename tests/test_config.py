@@ -102,6 +102,7 @@ SAMPLES = {
     "bind": ("127.0.0.1:9001", ["127.0.0.1:9001"]),
     "workers": ("3", 3),
     "max_workers": ("8", 8),
+    "max_surge": ("1", 1),
     "worker_class": ("gthread", "gthread"),
     "threads": ("4", 4),
     "command": ("./server --flag 'two words'", ["./server", "--flag", "two words"]),

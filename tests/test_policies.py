@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
+import threading
 
 from conftest import APPDCTL, wait_until
+from loadgen import Load
+from test_upgrade import start_myapp, write_app
 
 
 def status_json(appd) -> dict:
@@ -60,3 +62,65 @@ def test_appdctl_drain_streams_delay_and_stop_cuts_it_short(start_appd):
     assert any(e["event"] == "draining" and e.get("phase") == "delay" for e in events), stdout
     assert draining.returncode != 0, "the drain was interrupted by stop"
     assert appd.proc.wait(20) == 0
+
+
+# --- max_surge: upgrade step by step ---
+
+def watch_workers(appd, stop: threading.Event, peaks: dict) -> None:
+    """Sample status: the most worker processes and the fewest ready workers seen."""
+    while not stop.is_set():
+        try:
+            gens = appd.status()["generations"]
+        except OSError:
+            continue
+        peaks["processes"] = max(peaks.get("processes", 0), sum(len(g["workers"]) for g in gens))
+        stop.wait(0.05)
+
+
+def test_upgrade_with_max_surge_steps_one_worker_at_a_time(start_appd, tmp_path):
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "-w", "3", "--max-surge", "1")
+    before = appd.serving_generation()
+    write_app(tmp_path, '"v2"')
+    stop, peaks = threading.Event(), {}
+    watcher = threading.Thread(target=watch_workers, args=(appd, stop, peaks), daemon=True)
+    watcher.start()
+    with Load(appd.address, threads=4) as load:
+        result = appd.ctl("--json", "upgrade")
+        load.wait_for(20)
+    stop.set()
+    watcher.join(10)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    surges = [json.loads(line) for line in result.stdout.splitlines()
+              if line.startswith('{"id"') and json.loads(line)["event"] == "surge"]
+    assert [(e["new_workers"], e["old_workers"]) for e in surges] == [(1, 2), (2, 1)], result.stdout
+    assert not load.failures, load.report()
+    assert peaks["processes"] <= 4, peaks  # target 3 + max_surge 1
+    assert appd.get("/")[2] == b"v2\n"
+    status = appd.status()
+    assert [(g["id"], len(g["workers"])) for g in status["generations"]] == [(before["id"] + 1, 3)]
+
+
+def test_max_surge_rollback_midway_gives_the_old_generation_back_its_workers(start_appd, tmp_path):
+    """The new generation (BREAK=1) boots one worker, then every later one fails:
+    the upgrade rolls back after its first step and the old generation, which gave
+    up a worker for that step, gets back to the full target."""
+    count = tmp_path / "booted"
+    write_app(tmp_path, '"v1"', prelude=f"""
+        if os.environ.get("BREAK"):
+            with open({str(count)!r}, "a+") as f:
+                f.seek(0)
+                booted = len(f.read())
+                f.write("x")
+            if booted >= 1:
+                raise SystemExit("only one worker of the new generation boots")
+        """)
+    appd = start_myapp(start_appd, tmp_path, "-w", "3", "--max-surge", "1", "--boot-timeout", "4")
+    before = appd.serving_generation()
+    result = appd.ctl("--json", "upgrade", "--env", "BREAK=1")
+    assert result.returncode == 1 and '"rolled_back"' in result.stdout, (result.stdout, result.stderr)
+    assert '"surge"' in result.stdout, "the rollback should come after the first step"
+    serving = wait_until(lambda: (lambda g: g if g["ready_workers"] == 3 else None)(appd.serving_generation()),
+                         20, message="the old generation whole again")
+    assert serving["id"] == before["id"]
+    assert appd.get("/")[2] == b"v1\n"
