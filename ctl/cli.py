@@ -249,6 +249,9 @@ def format_status(status: dict) -> str:
         lines.append(f"last operation: {last['op']} {verdict} ({last['duration_s']} s)")
     if status.get("operation"):
         lines.append(f"running: {status['operation']}")
+    for gen in status["generations"]:
+        for replaced in gen.get("replaced") or []:
+            lines.append(f"replaced: generation {gen['id']} worker {replaced['pid']}: {replaced['reason']}")
     for crash in status.get("crashes") or []:
         lines.append(f"crash: generation {crash['generation']} {crash['status']}")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from . import listeners as listeners_mod
 from . import log, proc, process_setup
 from .channel import Channel
 from .loop import Loop
+from .recycle import Recycler
 from .worker_handle import WorkerHandle
 from .workers import worker_class
 
@@ -58,6 +59,7 @@ class Master:
         self.log = log.get(role="master")
         self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
         self.server = hooks.ServerView(self)  # what gunicorn-style hooks get as `server`
+        self.recycler = Recycler(cfg)
 
     # --- the story ---
 
@@ -79,6 +81,7 @@ class Master:
             self.loop.run_once(0.25)
             self.reap_workers()
             self.murder_workers()
+            self.recycle_workers()
             if self.phase == STOPPING and not self.workers:
                 break
         self.report_workers(force=True)
@@ -362,6 +365,19 @@ class Master:
                 handle.stop(self.worker_cls.QUICK_SIGNAL, 2.0)
         self.finish_reload(ok=False, reason=reason, output=output)
 
+    def recycle_workers(self) -> None:
+        """max_worker_memory / max_worker_lifetime: replace one worker, successor first."""
+        if self.phase != SERVING or self.reload_state:
+            return
+        chosen = self.recycler.choose(self.workers.values(), time.monotonic())
+        if chosen is None:
+            return
+        handle, reason = chosen
+        self.log.info("worker_recycled", worker=handle.pid, reason=reason)
+        self.recycler.record(handle.pid, reason)
+        handle.outgoing = True
+        self.dirty = True
+
     def retire(self, pid: int) -> None:
         handle = self.workers.get(pid)
         if handle is None or handle.stop_sent_at is not None or handle.outgoing:
@@ -391,7 +407,7 @@ class Master:
         # Outgoing workers (reload, retire) are still ready and taking requests until told to stop.
         taking_requests = sum(1 for h in self.workers.values() if h.ready and h.stop_sent_at is None)
         self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
-                           "ready": taking_requests,
+                           "ready": taking_requests, "replaced": list(self.recycler.replaced),
                            "workers": [h.describe() for h in self.workers.values()]})
 
     def call_hook(self, name: str) -> None:

@@ -103,6 +103,8 @@ SAMPLES = {
     "workers": ("3", 3),
     "max_workers": ("8", 8),
     "max_surge": ("1", 1),
+    "max_worker_memory": ("512M", 512 * 1024 ** 2),
+    "max_worker_lifetime": ("3600", 3600.0),
     "worker_class": ("gthread", "gthread"),
     "threads": ("4", 4),
     "command": ("./server --flag 'two words'", ["./server", "--flag", "two words"]),

@@ -124,3 +124,33 @@ def test_max_surge_rollback_midway_gives_the_old_generation_back_its_workers(sta
                          20, message="the old generation whole again")
     assert serving["id"] == before["id"]
     assert appd.get("/")[2] == b"v1\n"
+
+
+# --- recycling by age and memory ---
+
+def replaced(appd) -> list[dict]:
+    return [r for g in appd.status()["generations"] for r in g["replaced"]]
+
+
+def test_max_worker_lifetime_replaces_workers_successor_first(start_appd, tmp_path):
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--max-worker-lifetime", "2")
+    first = {w["pid"] for w in appd.serving_generation()["workers"]}
+    with Load(appd.address, threads=4) as load:
+        done = wait_until(lambda: len(replaced(appd)) >= 2 and replaced(appd), 30,
+                          message="two workers replaced for their age")
+        load.wait_for(20)
+    assert not load.failures, load.report()
+    assert {r["pid"] for r in done[:2]} == first, done
+    assert all(r["reason"].startswith("max_worker_lifetime") for r in done), done
+    assert appd.wait_ready()["target_workers"] == 2
+
+
+def test_max_worker_memory_replaces_a_worker_over_the_limit(start_appd, tmp_path):
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "-w", "1", "--max-worker-memory", "1K")
+    done = wait_until(lambda: replaced(appd), 20, message="a worker replaced for its memory")
+    assert done[0]["reason"].startswith("max_worker_memory (rss "), done
+    assert appd.get("/")[2] == b"v1\n"  # a successor serves
+    human = appd.ctl("status").stdout
+    assert f"worker {done[0]['pid']}: max_worker_memory" in human, human
