@@ -17,6 +17,7 @@ from servers import BIN, AppdServer, BenchError, answering_pid, children, http_g
 
 from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
+from policies import policies
 from throughput import flask_throughput, gthread_throughput, hello_throughput
 
 # --- 3: zero downtime under load ------------------------------------------------
@@ -318,4 +319,5 @@ SCENARIOS = {
     "scale": (scale_up, "7. scale +1 to serving"),
     "keepalive": (keepalive_soak, "8. keep-alive clients through upgrades and reloads, direct and behind nginx/HAProxy"),
     "asgi": (asgi, "9. ASGI: asgi worker vs uvicorn, granian, gunicorn+UvicornWorker; upgrades, WebSockets"),
+    "policies": (policies, "10. max_surge: peak processes and RSS during an upgrade, 8 workers"),
 }
