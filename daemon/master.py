@@ -207,6 +207,8 @@ class Master:
             return
         incoming = [h for h in self.workers.values() if not h.outgoing and h.stop_sent_at is None]
         missing = self.target - len(incoming)
+        if self.bounded_surge:  # max_surge: never more than target + max_surge processes
+            missing = min(missing, self.target + self.cfg["max_surge"] - len(self.workers))
         if missing > 0 and time.monotonic() >= self.spawn_not_before:
             self.spawn_workers(missing)
         elif missing < 0:
@@ -216,12 +218,24 @@ class Master:
                 self.stop_worker(handle)
             self.dirty = True
         ready = sum(1 for h in incoming if h.ready)
-        if ready >= self.target:
-            for handle in self.workers.values():
-                if handle.outgoing and handle.stop_sent_at is None:
-                    self.stop_worker(handle)
-                    self.dirty = True
+        self.stop_outgoing(ready)
         self.check_progress(ready)
+
+    @property
+    def bounded_surge(self) -> bool:
+        return 0 < (self.cfg.get("max_surge") or 0) < self.target
+
+    def stop_outgoing(self, ready: int) -> None:
+        """Stop replaced workers once their successors are ready: all at once, or with
+        max_surge one by one as each successor is ready (never fewer than target serving)."""
+        outgoing = sorted((h for h in self.workers.values() if h.outgoing and h.stop_sent_at is None),
+                          key=lambda h: h.serial)
+        surplus = len(outgoing) if ready >= self.target else 0
+        if self.bounded_surge:
+            surplus = ready + len(outgoing) - self.target
+        for handle in outgoing[:max(0, surplus)]:
+            self.stop_worker(handle)
+            self.dirty = True
 
     def check_progress(self, ready: int) -> None:
         if self.phase == BOOTING and ready >= self.target:

@@ -154,3 +154,25 @@ def test_max_worker_memory_replaces_a_worker_over_the_limit(start_appd, tmp_path
     assert appd.get("/")[2] == b"v1\n"  # a successor serves
     human = appd.ctl("status").stdout
     assert f"worker {done[0]['pid']}: max_worker_memory" in human, human
+
+
+def test_reload_with_max_surge_replaces_workers_one_at_a_time(start_appd, tmp_path):
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "-w", "3", "--max-surge", "1")
+    before = {w["pid"] for w in appd.serving_generation()["workers"]}
+    write_app(tmp_path, '"v2"')
+    stop, peaks = threading.Event(), {}
+    watcher = threading.Thread(target=watch_workers, args=(appd, stop, peaks), daemon=True)
+    watcher.start()
+    with Load(appd.address, threads=4) as load:
+        result = appd.ctl("reload")
+        load.wait_for(20)
+    stop.set()
+    watcher.join(10)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert not load.failures, load.report()
+    assert peaks["processes"] <= 4, peaks  # target 3 + max_surge 1
+    after = appd.wait_ready()
+    workers = {w["pid"] for g in after["generations"] for w in g["workers"]}
+    assert len(workers) == 3 and not workers & before
+    assert appd.get("/")[2] == b"v2\n"
