@@ -253,7 +253,10 @@ def _busy(worker: dict) -> str:
 
 def format_status(status: dict) -> str:
     daemon = status["daemon"]
-    lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {daemon.get('state', '')}  "
+    state = daemon.get("state", "")
+    if daemon.get("drain_delay_left_s") is not None:
+        state = f"draining, delay ({daemon['drain_delay_left_s']:.1f} s left)"
+    lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {state}  "
              f"up {_age(daemon['uptime_s'])}  rss {_size(daemon.get('rss_bytes', 0))}  socket {daemon['socket']}"]
     for listener in status["listeners"]:
         lines.append(f"listener {listener['name']}: {listener['address']} (fd {listener['fd']}){_backlog(listener)}")
@@ -278,6 +281,9 @@ def format_status(status: dict) -> str:
         lines.append(f"last operation: {last['op']} {verdict} ({last['duration_s']} s)")
     if status.get("operation"):
         lines.append(f"running: {status['operation']}")
+    for gen in status["generations"]:
+        for replaced in gen.get("replaced") or []:
+            lines.append(f"replaced: generation {gen['id']} worker {replaced['pid']}: {replaced['reason']}")
     for crash in status.get("crashes") or []:
         lines.append(f"crash: generation {crash['generation']} {crash['status']}")
     return "\n".join(lines)

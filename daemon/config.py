@@ -86,6 +86,22 @@ def _str(value):
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+
+
+def _size(value):
+    """Bytes, as an integer or with a K/M/G suffix (powers of 1024): 0 means no limit."""
+    text = str(value).strip().upper() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    unit = text[-1:] if text and text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = int(text[:len(text) - len(unit)]) if text else None
+    except ValueError:
+        number = None
+    if number is None or number < 0:
+        raise ValueError(f"{_short(value)} is not a size in bytes (e.g. 512M, 1G, 1048576)")
+    return number * _SIZE_UNITS[unit]
+
+
 def _optional_str(value):
     if value is None or value == "":
         return None
@@ -258,6 +274,9 @@ SETTINGS: list[Setting] = [
             "unix:PATH or fd://N (repeatable)", short="-b", metavar="ADDRESS", repeatable=True),
     Setting("workers", _int(1), 2, "number of worker processes", short="-w", metavar="N"),
     Setting("max_workers", _int(1), 64, "upper bound for `appdctl scale`", metavar="N"),
+    Setting("max_surge", _int(0), 0, "most workers beyond the target an upgrade runs at once: the new "
+            "generation grows by this many as the old one shrinks by as many (0: the whole target "
+            "at once)", metavar="N"),
     Setting("worker_class", _choice("sync", "gthread", "asgi", "command"), "sync",
             "sync (one request at a time), gthread (thread pool, keep-alive), asgi (asyncio, ASGI 3 "
             "apps, WebSockets) or command (any program)", metavar="CLASS"),
@@ -276,6 +295,10 @@ SETTINGS: list[Setting] = [
             short="-t", metavar="S"),
     Setting("graceful_timeout", _seconds, 30.0, "time allowed to finish in-flight requests when "
             "stopping, before SIGKILL", metavar="S"),
+    Setting("drain_delay", _seconds, 0.0, "on drain (SIGTERM, appdctl drain, systemd stop), seconds "
+            "the service reports not ready (/readyz 503, status 'draining, delay') while it keeps "
+            "serving, so load balancers stop routing to it first; a second SIGTERM or appdctl stop "
+            "cuts it short", metavar="S"),
     Setting("boot_timeout", _seconds, 60.0, "time a new generation or worker has to become ready",
             metavar="S"),
     Setting("ready_check", _optional_str, None, "path each worker GETs in-process (2xx wanted) before "
@@ -283,6 +306,11 @@ SETTINGS: list[Setting] = [
     Setting("max_requests", _int(0), 0, "restart a worker after this many requests (0: never)", metavar="N"),
     Setting("max_requests_jitter", _int(0), 0, "random extra requests added to max_requests per worker",
             metavar="N"),
+    Setting("max_worker_memory", _size, 0, "a worker whose RSS exceeds this (bytes, or with K/M/G) is "
+            "replaced: its successor is started first, then it finishes its requests and exits "
+            "(0: no limit)", metavar="SIZE"),
+    Setting("max_worker_lifetime", _seconds, 0.0, "replace a worker after this many seconds, plus up "
+            "to 10 percent random jitter, successor first (0: never)", metavar="S"),
     Setting("preload_app", _bool, False, "import the app in the master before forking workers",
             metavar="BOOL"),
     Setting("backlog", _int(1), 2048, "listen queue length", metavar="N"),

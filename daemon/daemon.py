@@ -43,6 +43,10 @@ def internal_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
+
+
 class Daemon:
     def __init__(self, cfg: config.Config, flags: dict):
         self.cfg = cfg
@@ -63,6 +67,7 @@ class Daemon:
         self.exit_code: int | None = None
         self.crashes: list[dict] = []
         self.recovery_timer = None
+        self.drain_delay_until: float | None = None  # set while drain_delay runs
         self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
         self._processes: dict = {}
         self.metrics = MetricsState()  # request counts etc., continuous across generations and re-execs
@@ -139,22 +144,38 @@ class Daemon:
                 raise config.ConfigError(f"metrics_bind {self.cfg.metrics_bind}: {exc.strerror or exc}") from exc
             self.log.error("metrics_listener_failed", metrics_bind=self.cfg.metrics_bind, error=str(exc))
 
-    def not_ready_reason(self) -> str | None:
-        """Why /readyz answers 503, or None when ready: a generation serves and we are not stopping."""
-        if self.state == "stopping":
-            return "stopping"
-        if self.serving is None:
-            return "no generation is serving"
-        return None
-
     def exit(self, code: int) -> None:
         if self.exit_code is None:
             self.exit_code = code
 
-    def begin_shutdown(self) -> None:
-        self.state = "stopping"
+    def begin_drain_delay(self, seconds: float) -> None:
+        """Report not ready but keep serving, so load balancers stop routing here first."""
+        self.state = "draining"
+        self.drain_delay_until = time.monotonic() + seconds
         self.loop.cancel(self.recovery_timer)
         self.notify("STOPPING=1")
+
+    def drain_delay_left(self) -> float | None:
+        if self.drain_delay_until is None:
+            return None
+        return max(0.0, self.drain_delay_until - time.monotonic())
+
+    def begin_shutdown(self) -> None:
+        self.state = "stopping"
+        self.drain_delay_until = None
+        self.loop.cancel(self.recovery_timer)
+        self.notify("STOPPING=1")
+
+    def not_ready_reason(self) -> str | None:
+        """Why the service should get no new traffic (/readyz answers 503), or None when it should."""
+        left = self.drain_delay_left()
+        if left is not None:
+            return f"draining (drain_delay, {left:.0f} s left)"
+        if self.state == "stopping":
+            return "stopping" if isinstance(self.operation, Stop) or self.operation is None else "draining"
+        if self.serving is None:
+            return "no generation is serving"
+        return None
 
     def shutdown(self) -> None:
         for generation in self.generations:
@@ -176,11 +197,12 @@ class Daemon:
     def generation_settings(self) -> dict:
         return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
 
-    def start_generation(self, extra_env: dict | None = None) -> Generation:
-        """A new generation; without `extra_env` it gets the serving one's (upgrade --env)."""
+    def start_generation(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
+        """A new generation of `target` workers (default: the daemon's); without `extra_env`
+        it gets the serving one's (upgrade --env)."""
         generation = Generation(self.next_generation, self.pid)
         generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
-        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), self.target,
+        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), target or self.target,
                          self.listeners, {**generation.extra_env, **self.handoff.env()},
                          self.on_generation_message)
         self.next_generation += 1
@@ -465,6 +487,8 @@ class Daemon:
             self.begin(Upgrade(self, responder))
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self.begin(Scale(self, responder, {"delta": 1 if signum == signal.SIGTTIN else -1}))
+        elif signum == signal.SIGTERM and isinstance(self.operation, Shutdown) and self.operation.delaying:
+            self.operation.cut_delay_short("a second SIGTERM")
         elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             shutdown = (Shutdown if signum == signal.SIGTERM else Stop)(self, responder, {})
             if self.operation is not None and not isinstance(self.operation, Shutdown):
@@ -500,6 +524,8 @@ class Daemon:
     def status(self) -> dict:
         status = {
             "daemon": {"pid": self.pid, "version": __version__, "state": self.state,
+                       "drain_delay_left_s": _rounded(self.drain_delay_left()),
+                       "not_ready": self.not_ready_reason(),
                        "uptime_s": round(time.monotonic() - self.started, 1), "socket": self.control.path,
                        **dict(zip(("rss_bytes", "cpu_percent"), self.process_usage(self.pid))),
                        "metrics_address": self.health.address if self.health else None},

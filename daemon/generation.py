@@ -149,4 +149,5 @@ class Generation:
                             "rss_bytes": rss, "cpu_percent": cpu,
                             "busy": worker.get("busy"), "request_age_s": worker.get("request_age_s")})
         return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
-                "ready_workers": self.snapshot.get("ready", 0), "workers": workers}
+                "ready_workers": self.snapshot.get("ready", 0), "workers": workers,
+                "replaced": self.snapshot.get("replaced", [])}

@@ -27,6 +27,7 @@ from . import listeners as listeners_mod
 from . import log, proc, process_setup
 from .channel import Channel
 from .loop import Loop
+from .recycle import Recycler
 from .worker_handle import WorkerHandle
 from .workers import worker_class
 
@@ -60,6 +61,7 @@ class Master:
         self.log = log.get(role="master")
         self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
         self.server = hooks.ServerView(self)  # what gunicorn-style hooks get as `server`
+        self.recycler = Recycler(cfg)
 
     # --- the story ---
 
@@ -81,6 +83,7 @@ class Master:
             self.loop.run_once(0.25)
             self.reap_workers()
             self.murder_workers()
+            self.recycle_workers()
             if self.phase == STOPPING and not self.workers:
                 break
         self.report_workers(force=True)
@@ -209,6 +212,8 @@ class Master:
             return
         incoming = [h for h in self.workers.values() if not h.outgoing and h.stop_sent_at is None]
         missing = self.target - len(incoming)
+        if self.bounded_surge:  # max_surge: never more than target + max_surge processes
+            missing = min(missing, self.target + self.cfg["max_surge"] - len(self.workers))
         if missing > 0 and time.monotonic() >= self.spawn_not_before:
             self.spawn_workers(missing)
         elif missing < 0:
@@ -218,12 +223,24 @@ class Master:
                 self.stop_worker(handle)
             self.dirty = True
         ready = sum(1 for h in incoming if h.ready)
-        if ready >= self.target:
-            for handle in self.workers.values():
-                if handle.outgoing and handle.stop_sent_at is None:
-                    self.stop_worker(handle)
-                    self.dirty = True
+        self.stop_outgoing(ready)
         self.check_progress(ready)
+
+    @property
+    def bounded_surge(self) -> bool:
+        return 0 < (self.cfg.get("max_surge") or 0) < self.target
+
+    def stop_outgoing(self, ready: int) -> None:
+        """Stop replaced workers once their successors are ready: all at once, or with
+        max_surge one by one as each successor is ready (never fewer than target serving)."""
+        outgoing = sorted((h for h in self.workers.values() if h.outgoing and h.stop_sent_at is None),
+                          key=lambda h: h.serial)
+        surplus = len(outgoing) if ready >= self.target else 0
+        if self.bounded_surge:
+            surplus = ready + len(outgoing) - self.target
+        for handle in outgoing[:max(0, surplus)]:
+            self.stop_worker(handle)
+            self.dirty = True
 
     def check_progress(self, ready: int) -> None:
         if self.phase == BOOTING and ready >= self.target:
@@ -369,6 +386,19 @@ class Master:
                 handle.stop(self.worker_cls.QUICK_SIGNAL, 2.0)
         self.finish_reload(ok=False, reason=reason, output=output)
 
+    def recycle_workers(self) -> None:
+        """max_worker_memory / max_worker_lifetime: replace one worker, successor first."""
+        if self.phase != SERVING or self.reload_state:
+            return
+        chosen = self.recycler.choose(self.workers.values(), time.monotonic())
+        if chosen is None:
+            return
+        handle, reason = chosen
+        self.log.info("worker_recycled", worker=handle.pid, reason=reason)
+        self.recycler.record(handle.pid, reason)
+        handle.outgoing = True
+        self.dirty = True
+
     def retire(self, pid: int) -> None:
         handle = self.workers.get(pid)
         if handle is None or handle.stop_sent_at is not None or handle.outgoing:
@@ -399,7 +429,7 @@ class Master:
         # Outgoing workers (reload, retire) are still ready and taking requests until told to stop.
         taking_requests = sum(1 for h in self.workers.values() if h.ready and h.stop_sent_at is None)
         self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
-                           "ready": taking_requests,
+                           "ready": taking_requests, "replaced": list(self.recycler.replaced),
                            "workers": [h.describe() for h in self.workers.values()]})
 
     def report_metrics(self) -> None:

@@ -73,8 +73,13 @@ class Upgrade(Operation):
     def start(self) -> None:
         daemon = self.daemon
         self.old = [g for g in daemon.generations if g.alive]
+        # max_surge: the new generation starts with `step` workers and grows as the
+        # serving one shrinks, so at most target + step workers run at once.
+        self.shrinking = daemon.serving
+        self.step = min(daemon.cfg.max_surge or daemon.target, daemon.target) if self.shrinking else daemon.target
+        self.new_target = self.step
         try:
-            self.new = daemon.start_generation(extra_env=self.args.get("env"))
+            self.new = daemon.start_generation(extra_env=self.args.get("env"), target=self.step)
         except OSError as exc:
             self._restore()
             self.fail(protocol.ROLLED_BACK, f"{self.name} rolled back: {exc}", reason=str(exc), output="")
@@ -84,15 +89,41 @@ class Upgrade(Operation):
         self.progress("spawned", generation=self.new.id, master_pid=self.new.pid, target=daemon.target)
 
     def on_message(self, generation, message: dict) -> None:
+        if self.phase in ("shrinking_old", "growing_new"):
+            self.on_surge_message(generation, message)
+            return
         if generation is not self.new or self.phase != "booting":
             return
         kind = message.get("t")
         if kind == "worker_ready":
             self.progress("booting", generation=self.new.id, ready=message["ready"], target=message["target"])
         elif kind == "ready":
-            self.cut_over()
+            self.cut_over() if self.new_target >= self.daemon.target else self.shrink_old()
         elif kind == "boot_failed":
             self.roll_back(message.get("reason", "boot failed"), message.get("output", ""))
+
+    # --- max_surge: step by step, never fewer ready than target, never more than target + step ---
+
+    def on_surge_message(self, generation, message: dict) -> None:
+        if message.get("t") != "workers" or generation not in (self.new, self.shrinking):
+            return
+        if self.phase == "shrinking_old":
+            if len(self.shrinking.snapshot.get("workers", [])) <= self.daemon.target - self.new_target:
+                self.grow_new()
+        elif self.phase == "growing_new" and self.new.snapshot.get("ready", 0) >= self.new_target:
+            self.cut_over() if self.new_target >= self.daemon.target else self.shrink_old()
+
+    def shrink_old(self) -> None:
+        self.phase = "shrinking_old"
+        left = self.daemon.target - self.new_target
+        self.progress("surge", generation=self.new.id, new_workers=self.new_target, old_workers=left)
+        self.shrinking.send({"t": "scale", "target": left})
+
+    def grow_new(self) -> None:
+        self.phase = "growing_new"
+        self.new_target = min(self.daemon.target, self.new_target + self.step)
+        self.deadline = time.monotonic() + self.daemon.cfg.boot_timeout
+        self.new.send({"t": "scale", "target": self.new_target})
 
     def cut_over(self) -> None:
         self.daemon.promote(self.new)
@@ -115,7 +146,8 @@ class Upgrade(Operation):
                       generation=self.new.id, output=self.output or self.new.last_lines())
 
     def on_exit(self, generation) -> None:
-        if generation is self.new and self.phase == "booting":
+        if generation is self.new and self.phase in ("booting", "shrinking_old", "growing_new"):
+            self.regrow_old()
             self.phase = "rolling_back"
             self.reason = f"generation {self.new.id} exited before it was ready ({generation.exit_status})"
             self.output = generation.last_lines()
@@ -130,7 +162,7 @@ class Upgrade(Operation):
         self.maybe_done()
 
     def tick(self, now: float) -> None:
-        if self.phase == "booting" and now > self.deadline:
+        if self.phase in ("booting", "growing_new") and now > self.deadline:
             self.roll_back(f"generation {self.new.id} not ready within boot_timeout "
                            f"({self.daemon.cfg.boot_timeout} s)", "")
         elif self.phase == "draining" and now - self.last_progress >= 1.0:
@@ -138,7 +170,13 @@ class Upgrade(Operation):
             left = sum(len(g.snapshot.get("workers", [])) for g in self.old if g.alive)
             self.progress("draining", generations=[g.id for g in self.old if g.alive], workers_left=left)
 
+    def regrow_old(self) -> None:
+        """Rollback leaves the old generation whole: give back the workers a surge step took."""
+        if self.phase in ("shrinking_old", "growing_new"):
+            self.shrinking.send({"t": "scale", "target": self.daemon.target})
+
     def roll_back(self, reason: str, output: str) -> None:
+        self.regrow_old()
         self.phase = "rolling_back"
         self.reason = reason
         self.output = output
@@ -327,12 +365,28 @@ class Shutdown(Operation):
 
     name = "drain"
 
+    delaying = False  # within drain_delay: not ready, still serving
+
     def start(self) -> None:
-        daemon = self.daemon
         self.quick = isinstance(self, Stop)
+        self.last_progress = 0.0
+        delay = 0.0 if self.quick else self.daemon.cfg.drain_delay
+        if delay > 0:
+            self.delaying = True
+            self.daemon.begin_drain_delay(delay)
+            self.progress("draining", phase="delay", delay_s=delay)
+            return
+        self.begin_draining()
+
+    def cut_delay_short(self, why: str) -> None:
+        self.log.info("drain_delay_cut_short", by=why)
+        self.begin_draining()
+
+    def begin_draining(self) -> None:
+        daemon = self.daemon
+        self.delaying = False
         timeout = self.args.get("timeout")
         grace = 2.0 if self.quick else (timeout if timeout is not None else daemon.cfg.graceful_timeout)
-        self.last_progress = 0.0
         daemon.begin_shutdown()
         for generation in [g for g in daemon.generations if g.alive]:
             if self.quick:
@@ -343,6 +397,14 @@ class Shutdown(Operation):
         self.maybe_done()
 
     def tick(self, now: float) -> None:
+        if self.delaying:
+            left = self.daemon.drain_delay_left()
+            if not left:
+                self.begin_draining()
+            elif now - self.last_progress >= 0.5:
+                self.last_progress = now
+                self.progress("draining", phase="delay", left_s=round(left, 1))
+            return
         if not self.quick and now - self.last_progress >= 0.5:
             self.last_progress = now
             left = sum(len(g.snapshot.get("workers", [])) for g in self.daemon.generations if g.alive)
@@ -352,7 +414,7 @@ class Shutdown(Operation):
         self.maybe_done()
 
     def maybe_done(self) -> None:
-        if not any(g.alive for g in self.daemon.generations):
+        if not self.delaying and not any(g.alive for g in self.daemon.generations):
             self.succeed(outcome="stopped" if self.quick else "drained",
                          seconds=round(time.monotonic() - self.started, 3))
             self.daemon.exit(0)
