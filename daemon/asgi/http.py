@@ -27,6 +27,7 @@ from ..http.errors import BadRequest, HeadersTooLarge, HTTPError, URITooLong, er
 from ..http.wsgi import _date_line
 from ..workers.kept import RECORD_LIMIT, partial_tail
 from .cycle import RequestCycle
+from .flow import WriteFlow
 from .server import ASGI_INFO, PIPELINE_DEPTH
 
 LINGER_S = 1.0  # after a refusal, read what the client still sends before closing
@@ -48,7 +49,7 @@ def split_url(url: bytes) -> tuple[bytes, bytes]:
     return path, query.partition(b"#")[0]
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(WriteFlow, asyncio.Protocol):
     def __init__(self, server, listener, client, name: str = "", carried: bytes | None = None) -> None:
         self.server = server
         self.name = name                # the listener's name, which a handed-on connection carries
@@ -306,16 +307,6 @@ class HttpProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.transport.is_closing():
             self.transport.write(data)
-
-    async def drain(self) -> None:
-        if self.writable is None:
-            self.writable = self.loop.create_future()
-        await asyncio.shield(self.writable)
-
-    def _release_writers(self) -> None:
-        waiter, self.writable = self.writable, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def pause_reading(self) -> None:
         if not self.read_paused:

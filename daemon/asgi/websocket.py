@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import structlog
 
 from ..http.wsgi import _date_line
+from .flow import WriteFlow
 from .server import ASGI_INFO
 
 try:
@@ -62,7 +63,7 @@ def start_websocket(http, method: bytes, url: bytes, headers: list, rest: bytes)
         ws.on_stop()
 
 
-class WebSocketProtocol(asyncio.Protocol):
+class WebSocketProtocol(WriteFlow, asyncio.Protocol):
     def __init__(self, http, url: bytes, headers: list) -> None:
         self.server = http.server
         self.loop = http.loop
@@ -194,7 +195,7 @@ class WebSocketProtocol(asyncio.Protocol):
             text = message.get("text")
             self._write(self.conn.send(Message(data=text if text is not None else message.get("bytes", b""))))
             if self.write_paused:
-                await self._drain()
+                await self.drain()
         elif kind == "websocket.close":
             self.close(message.get("code", 1000), message.get("reason") or "")
         else:
@@ -266,16 +267,6 @@ class WebSocketProtocol(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if data and not self.transport.is_closing():
             self.transport.write(data)
-
-    async def _drain(self) -> None:
-        if self.writable is None:
-            self.writable = self.loop.create_future()
-        await asyncio.shield(self.writable)
-
-    def _release_writers(self) -> None:
-        waiter, self.writable = self.writable, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _log_access(self, status: int) -> None:
         access_log = self.server.access_log
