@@ -74,6 +74,10 @@ class Channel:
             self.close("closed by peer")
             return
         self.last_activity = time.monotonic()
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        """Decode `data` as if read from the socket and deliver its messages."""
         try:
             messages = self.decoder.feed(data)
         except ProtocolError as exc:
@@ -87,6 +91,10 @@ class Channel:
             if self.closed:
                 break
             self.on_message(self, message)
+
+    def unread(self) -> bytes:
+        """Bytes received but not yet a whole message (carried across a daemon re-exec)."""
+        return bytes(self.decoder.buffer)
 
     def flush_pending(self, timeout: float = 1.0) -> None:
         """Send what is buffered, blocking at most `timeout`. Used just before exit or exec."""

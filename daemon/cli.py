@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import reexec
         state = reexec.read_state()
         if state is not None:  # re-exec'd in place: the running config, never the file on disk
-            return start(*reexec.config_of(state), state=state)
+            return start(reexec.config_of(state)[0], state=state)
     try:
         flags = flags_from(args)
         cfg = config.load(flags)
@@ -116,22 +116,21 @@ def check(cfg: config.Config) -> int:
     return EXIT_OK
 
 
-def start(cfg: config.Config, flags: dict, state: dict | None = None) -> int:
+def start(cfg: config.Config, flags: dict | None = None, state: dict | None = None) -> int:
+    """Run the daemon: a fresh one from `cfg` and `flags`, or the one a previous
+    image handed over in `state` (re-exec in place)."""
     from . import log
     from .control import ControlSocketError
     from .daemon import Daemon
 
     log.configure(cfg.log_format, cfg.log_level, cfg.error_log)
     try:
-        daemon = Daemon(cfg, flags)
-        if state is not None:
-            daemon.environ = state["environ"]
-        return daemon.run(state)
+        daemon = Daemon.from_state(state) if state is not None else Daemon.fresh(cfg, flags)
+        return daemon.serve()
     except (OSError, ControlSocketError) as exc:
         log.get(role="daemon").error("start_failed", error=str(exc))
         print(f"appd: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
 
 if __name__ == "__main__":
     sys.exit(main())

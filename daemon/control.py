@@ -14,6 +14,7 @@ import time
 from appdctl import protocol
 
 from .channel import Channel
+from .listeners import unix_socket_owner
 
 MAX_CLIENTS = 64
 IDLE_TIMEOUT = 10.0        # a client with nothing running must send a request within this
@@ -53,30 +54,18 @@ def prepare_path(path: str, private: bool = False) -> None:
     if private:
         check_private_dir(parent)
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        raise ControlSocketError(f"control socket path {path} is a symlink; refusing to use it")
-    if not stat.S_ISSOCK(mode):
-        raise ControlSocketError(f"control socket path {path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        owner = _CRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # stale: its daemon is gone
-        return
-    except OSError as exc:  # e.g. a live daemon too busy to accept: never delete its socket
-        raise ControlSocketError(f"cannot tell whether a daemon owns control socket {path}: "
-                                 f"{exc.strerror or exc}; refusing to replace it") from None
-    finally:
-        probe.close()
-    raise ControlSocketError(f"another appd (pid {owner}) is already running on control socket {path}")
+        owner = unix_socket_owner(path, "control socket path")
+    except OSError as exc:
+        raise ControlSocketError(str(exc)) from None
+    if owner is not None:
+        raise ControlSocketError(f"another appd (pid {owner}) is already running on control socket {path}")
 
 
 class ControlServer:
+    """The control socket and its clients. Across a daemon re-exec it hands over
+    the listening socket and each client's socket and unread bytes (export_state),
+    and the new image takes them back (adopt)."""
+
     def __init__(self, daemon, cfg, adopt_fd: int | None = None):
         self.daemon = daemon
         self.loop = daemon.loop
@@ -145,6 +134,33 @@ class ControlServer:
         for client in list(self.clients):
             client.check_idle(now)
 
+    # --- across a daemon re-exec ---
+
+    def export_state(self, reply_to: "ControlClient | None" = None, request_id: int | None = None) -> tuple:
+        """(the socket's part, the clients' part); `reply_to` gets the re-exec's reply."""
+        clients = [c.export_state(request_id if c is reply_to else None)
+                   for c in self.clients if not c.channel.closed]
+        return {"fd": self.sock.fileno(), "path": self.path}, clients
+
+    @classmethod
+    def adopt(cls, daemon, cfg, server: dict, clients: list[dict], reply: dict) -> "ControlServer":
+        """Take the socket and clients back; the client that asked for the re-exec
+        gets `reply` as its answer, then what it had sent beyond is read."""
+        control = cls(daemon, cfg, adopt_fd=server["fd"])
+        for entry in clients:
+            client = ControlClient(control, socket.socket(fileno=entry["fd"]))
+            control.clients.add(client)
+            if entry["reply_to"] is not None:
+                client.send(protocol.ok_reply(entry["reply_to"], reply))
+            if entry["buffer"]:
+                client.channel.feed(entry["buffer"])
+        return control
+
+    def flush(self) -> None:
+        """Send what is buffered for every client, blocking briefly (just before an exec)."""
+        for client in list(self.clients):
+            client.channel.flush_pending(timeout=1.0)
+
     def close(self) -> None:
         for client in list(self.clients):
             client.channel.flush_and_close(timeout=0.5)
@@ -198,6 +214,9 @@ class ControlClient:
 
     def send(self, message: dict) -> None:
         self.channel.send(message)
+
+    def export_state(self, reply_to: int | None) -> dict:
+        return {"fd": self.channel.sock.fileno(), "buffer": self.channel.unread(), "reply_to": reply_to}
 
     def check_idle(self, now: float) -> None:
         idle = now - self.channel.last_activity

@@ -3,24 +3,43 @@ control socket, keeps the target worker count, starts generations (fresh
 masters) and drives one changing operation at a time. It never imports the
 application and never touches a request.
 
-Its loop: accept control clients, read generation messages, reap children,
-tick the running operation. Signal handlers only record and wake.
+Its life: open (fresh) or adopt (re-exec'd in place: from_state) what it
+holds, then serve(): accept control clients, read generation messages, reap
+children, tick the running operation, until an operation says exit.
+Signal handlers only record and wake.
+
+What it delegates: listening sockets to ListenerSet, the control socket to
+ControlServer, restarting a generation after a crash to CrashRecovery, the
+pidfile to Pidfile, psutil to ProcessUsage, and everything it does to the
+outside world (spawn, signal, reap, clock) to an env (env.py), which unit
+tests replace.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from enum import StrEnum
 
 from appdctl import protocol
 
-from . import __version__, config, handoff, listeners as listeners_mod, log, pidfile, proc, reexec, systemd
+from . import __version__, config, handoff, log, proc, systemd
 from .control import ControlServer, LogResponder
-from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
+from .env import ProcessEnv
+from .generation import DRAINING, FAILED, SERVING, Generation
+from .listener_set import ListenerSet
 from .loop import Loop
+from .messages import KIND, ToDaemon, ToMaster, kind_of
 from .metrics import MetricsState
-from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
+from .operations import Scale, Shutdown, Stop
+from .pidfile import Pidfile
+from .recovery import CrashRecovery
+from .reexec import STATE_VERSION
+from .reload import Reload
+from .upgrade import Start, Upgrade
+from .usage import ProcessUsage
 
 # Settings only the daemon uses; a master gets everything else.
 _DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "control_socket", "control_socket_mode",
@@ -28,8 +47,19 @@ _DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "con
 # Variables meant for the daemon alone, not for generations.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                 "LISTEN_FDNAMES")
-_CRASH_BACKOFF_MAX = 30.0
-_STABLE_AFTER = 10.0
+_SIGNALS = [signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
+            signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD]
+_KEPT_GENERATIONS = 20
+
+
+class DaemonState(StrEnum):
+    """The daemon's lifecycle; the values are what status reports."""
+
+    STARTING = "starting"          # the first generation boots
+    RUNNING = "running"
+    CRASHLOOPING = "crashlooping"  # generations keep dying; recovery backs off
+    DRAINING = "draining"          # drain_delay: reports not ready, still serves
+    STOPPING = "stopping"          # drain or stop: generations finish, then the daemon exits
 
 
 def internal_message(exc: BaseException) -> str:
@@ -48,62 +78,122 @@ def _rounded(seconds: float | None) -> float | None:
 
 
 class Daemon:
-    def __init__(self, cfg: config.Config, flags: dict):
+    def __init__(self, cfg: config.Config, flags: dict, environ: dict | None = None, env=None):
         self.cfg = cfg
         self.flags = flags
-        self.environ = dict(os.environ)
+        self.environ = dict(os.environ if environ is None else environ)  # as we started: sd_notify's
+        self.env = env or ProcessEnv()
+        self.clock = self.env.clock
         self.target = cfg.workers
         self.pid = os.getpid()
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.loop = Loop()
+        self.loop.on_error = self.internal_error
         self.log = log.get(role="daemon")
-        self.listeners: list = []
+        self.state = DaemonState.STARTING
+        self.reexecuted = False
+        self.exit_code: int | None = None
+        self.listeners = ListenerSet([], self.log)
+        self.control: ControlServer | None = None
         self.handoff: handoff.Channel | None = None  # held for the service's life, as the listeners
         self.generations: list[Generation] = []
         self.next_generation = 1
+        self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
         self.operation = None
         self.last_operation: dict | None = None
-        self.state = "starting"
-        self.exit_code: int | None = None
-        self.crashes: list[dict] = []
-        self.recovery_timer = None
         self.drain_delay_until: float | None = None  # set while drain_delay runs
-        self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
-        self._processes: dict = {}
+        self.recovery = CrashRecovery(self)
         self.metrics = MetricsState()  # request counts etc., continuous across generations and re-execs
+        self.usage = ProcessUsage()
         self.health = None  # metrics_bind: /metrics, /livez, /readyz (health_server)
         self.statsd = None  # statsd_host: the same figures over UDP
-        self.loop.on_error = self.internal_error
+
+    # --- birth: fresh, or adopted from the previous image ---
+
+    @classmethod
+    def fresh(cls, cfg: config.Config, flags: dict) -> "Daemon":
+        """A first start: bind (or take systemd's) listeners, the control socket, the handoff channel."""
+        daemon = cls(cfg, flags)
+        daemon.listeners = ListenerSet.open_initial(cfg, daemon.log)
+        daemon.control = ControlServer(daemon, cfg)
+        daemon.handoff = handoff.Channel.create()
+        return daemon
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Daemon":
+        """The daemon the previous image handed over (reexec.read_state): each part adopts its own piece."""
+        from .reexec import config_of
+        daemon = cls(*config_of(state), environ=state["environ"])
+        daemon.reexecuted = True
+        daemon.adopt_own_state(state)
+        daemon.listeners = ListenerSet.adopt(state["listeners"], daemon.log)
+        daemon.handoff = handoff.Channel.adopt(state["handoff"]) if state.get("handoff") else handoff.Channel.create()
+        now = daemon.clock()
+        for entry in state["generations"]:
+            generation = Generation.from_state(entry, daemon.pid, now, daemon.loop, daemon.on_generation_message)
+            daemon.generations.append(generation)
+            if generation.state == DRAINING:
+                daemon.watch_overstay(generation, daemon.cfg.graceful_timeout + 5.0)
+        reply = {"outcome": "done", "pid": daemon.pid, "version": __version__}
+        daemon.control = ControlServer.adopt(daemon, daemon.cfg, state["control"], state["clients"], reply)
+        return daemon
+
+    def adopt_own_state(self, state: dict) -> None:
+        self.target = state["target"]
+        self.started = self.clock() - (time.time() - state["started_wall"])
+        self.next_generation = state["next_generation"]
+        self.last_operation = {"op": "upgrade-daemon", "ok": True, "outcome": "done", "error": None,
+                               "duration_s": round(state["operation_age"], 3)}
+        self.recovery = CrashRecovery(self, state["crashes"])
+        self.metrics = MetricsState(state.get("metrics"))
+        self.state = DaemonState(state["state"])
+        self.generation_env = state.get("generation_env", {})
+
+    def export_state(self, client=None, request_id=None) -> dict:
+        """Everything the next image needs, with fds by number; `client` gets the reply."""
+        now = self.clock()
+        control, clients = self.control.export_state(client, request_id)
+        return {
+            "version": STATE_VERSION, "argv": sys.argv, "flags": self.flags,
+            "config": {"values": self.cfg.values, "sources": self.cfg.sources}, "environ": self.environ,
+            "target": self.target, "started_wall": time.time() - (now - self.started),
+            "next_generation": self.next_generation, "last_operation": self.last_operation,
+            "operation_age": now - self.operation.started if self.operation else 0.0,
+            "crashes": self.recovery.crashes, "state": str(self.state), "metrics": self.metrics.to_state(),
+            "listeners": self.listeners.export_state(), "generation_env": self.generation_env,
+            "control": control, "clients": clients, "handoff": self.handoff.fds(),
+            "generations": [g.export_state(now) for g in self.generations if g.alive],
+        }
+
+    def flush_channels(self) -> None:
+        """Before an exec: what is buffered for clients and masters goes out."""
+        self.control.flush()
+        for generation in self.generations:
+            generation.flush()
+
+    def shared_fds(self) -> list[int]:
+        """Descriptors every generation inherits."""
+        return self.listeners.fds() + self.handoff.fds()
 
     # --- life ---
 
-    def run(self, state: dict | None = None) -> int:
-        """The daemon's life. `state` is set when the previous image re-exec'd us in place."""
+    def serve(self) -> int:
+        """The daemon's life, the same after a fresh start and a re-exec."""
         proc.become_subreaper()
         proc.set_title("appd: daemon")
-        if state is not None:
-            reexec.restore(self, state)
-        else:
-            inherited = listeners_mod.from_systemd()
-            self.listeners = listeners_mod.initial_listeners(
-                self.cfg.bind, self.bind_explicit(self.cfg), self.cfg.backlog, inherited,
-                unix_mode=self.cfg.unix_socket_mode)
-            self.control = ControlServer(self, self.cfg)
-        self.handoff = self.handoff or handoff.Channel.create()
-        self.start_health_server(reexecuted=state is not None)
+        self.start_side_servers()
         for key in _PRIVATE_ENV:
             os.environ.pop(key, None)
-        self.write_pidfile(reexecuted=state is not None)
-        self.loop.catch([signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
-                         signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD], self.on_signal)
-        self.log.info("daemon_reexecuted" if state else "daemon_started", version=__version__,
-                      listeners=[l.address for l in self.listeners], control_socket=self.control.path,
-                      workers=self.target)
-        if state is not None:
+        self.pidfile = Pidfile(self.cfg.pidfile, self.pid, self.log)
+        self.pidfile.write(strict=not self.reexecuted)  # a re-exec'd daemon already serves and goes on
+        self.loop.catch(_SIGNALS, self.on_signal)
+        self.log.info("daemon_reexecuted" if self.reexecuted else "daemon_started", version=__version__,
+                      listeners=self.listeners.addresses(), control_socket=self.control.path, workers=self.target)
+        if self.reexecuted:
             self.reap()  # children that exited while we were exec'ing
             self.notify("READY=1", self.status_line())
         else:
-            self.start_first_generation()
+            self.begin(Start(self, LogResponder(self.log, on_done=self.first_generation_done)))
         watchdog = systemd.watchdog_interval(self.environ)
         if watchdog:
             self.watchdog(watchdog)
@@ -111,26 +201,23 @@ class Daemon:
             self.loop.run_once(0.25)
             self.loop.guarded(self.reap)
             if self.operation is not None:
-                self.drive(self.operation, "tick", time.monotonic())
+                self.drive(self.operation, "tick", self.clock())
             self.loop.guarded(self.control.tick)
         self.shutdown()
         return self.exit_code
 
-    def start_first_generation(self) -> None:
-        first = Start(self, LogResponder(self.log, on_done=self._first_generation_done))
-        self.operation = first
-        self.drive(first, "start")
-
-    def _first_generation_done(self, ok: bool, error: dict | None) -> None:
+    def first_generation_done(self, ok: bool, error: dict | None) -> None:
         if ok:
-            self.state = "running"
+            self.state = DaemonState.RUNNING
             self.notify("READY=1", self.status_line())
         else:
             self.log.error("start_failed", reason=error.get("reason"), detail="the first generation never "
                            "became ready; see its output above")
             self.exit(1)
 
-    def start_health_server(self, reexecuted: bool) -> None:
+    def start_side_servers(self) -> None:
+        """statsd_host and metrics_bind. A fresh start refuses a metrics address it
+        cannot bind; a re-exec'd daemon already serves and only logs it."""
         if self.cfg.statsd_host:
             from .statsd import StatsdSink
             self.statsd = StatsdSink(self, self.cfg.statsd_host, self.cfg.statsd_prefix)
@@ -140,7 +227,7 @@ class Daemon:
         try:
             self.health = HealthServer(self, self.cfg.metrics_bind)
         except OSError as exc:
-            if not reexecuted:
+            if not self.reexecuted:
                 raise config.ConfigError(f"metrics_bind {self.cfg.metrics_bind}: {exc.strerror or exc}") from exc
             self.log.error("metrics_listener_failed", metrics_bind=self.cfg.metrics_bind, error=str(exc))
 
@@ -148,22 +235,28 @@ class Daemon:
         if self.exit_code is None:
             self.exit_code = code
 
+    def crashlooping(self) -> None:
+        self.state = DaemonState.CRASHLOOPING
+
+    def accepts_recovery(self) -> bool:
+        return self.state not in (DaemonState.STARTING, DaemonState.STOPPING)
+
     def begin_drain_delay(self, seconds: float) -> None:
         """Report not ready but keep serving, so load balancers stop routing here first."""
-        self.state = "draining"
-        self.drain_delay_until = time.monotonic() + seconds
-        self.loop.cancel(self.recovery_timer)
+        self.state = DaemonState.DRAINING
+        self.drain_delay_until = self.clock() + seconds
+        self.recovery.cancel()
         self.notify("STOPPING=1")
 
     def drain_delay_left(self) -> float | None:
         if self.drain_delay_until is None:
             return None
-        return max(0.0, self.drain_delay_until - time.monotonic())
+        return max(0.0, self.drain_delay_until - self.clock())
 
     def begin_shutdown(self) -> None:
-        self.state = "stopping"
+        self.state = DaemonState.STOPPING
         self.drain_delay_until = None
-        self.loop.cancel(self.recovery_timer)
+        self.recovery.cancel()
         self.notify("STOPPING=1")
 
     def not_ready_reason(self) -> str | None:
@@ -171,7 +264,7 @@ class Daemon:
         left = self.drain_delay_left()
         if left is not None:
             return f"draining (drain_delay, {left:.0f} s left)"
-        if self.state == "stopping":
+        if self.state == DaemonState.STOPPING:
             return "stopping" if isinstance(self.operation, Stop) or self.operation is None else "draining"
         if self.serving is None:
             return "no generation is serving"
@@ -179,17 +272,16 @@ class Daemon:
 
     def shutdown(self) -> None:
         for generation in self.generations:
-            generation.kill(signal.SIGKILL)
+            self.env.kill(generation, signal.SIGKILL)
         self.kill_stragglers()
         self.control.close()
         if self.health is not None:
             self.health.shutdown()
         if self.statsd is not None:
             self.statsd.close()
-        for listener in self.listeners:
-            self._close_listener(listener)
+        self.listeners.close_all()
         self.handoff.close()
-        self.remove_pidfile()
+        self.pidfile.remove()
         self.log.info("daemon_exit", code=self.exit_code)
 
     # --- generations ---
@@ -200,11 +292,12 @@ class Daemon:
     def start_generation(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
         """A new generation of `target` workers (default: the daemon's); without `extra_env`
         it gets the serving one's (upgrade --env)."""
-        generation = Generation(self.next_generation, self.pid)
+        generation = Generation(self.next_generation, self.pid, now=self.clock())
         generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
-        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), target or self.target,
-                         self.listeners, {**generation.extra_env, **self.handoff.env()},
-                         self.on_generation_message)
+        environment = {**generation.extra_env, **self.listeners.generation_env(),
+                       **(self.handoff.env() if self.handoff else {})}
+        self.env.spawn(generation, self.loop, self.cfg.python, self.generation_settings(), target or self.target,
+                       environment, self.on_generation_message)
         self.next_generation += 1
         self.generations.append(generation)
         self.metrics.count("generations", "started")
@@ -215,12 +308,15 @@ class Daemon:
     def serving(self) -> Generation | None:
         return next((g for g in reversed(self.generations) if g.state == SERVING), None)
 
+    @property
+    def starting(self) -> bool:
+        return any(g.starting for g in self.generations)
+
     def promote(self, generation: Generation) -> None:
-        generation.state = SERVING
-        generation.ready_at = time.monotonic()
+        generation.serve(self.clock())
         self.generation_env = generation.extra_env
-        if self.state == "crashlooping":
-            self.state = "running"
+        if self.state == DaemonState.CRASHLOOPING:
+            self.state = DaemonState.RUNNING
 
     def drain_generation(self, generation: Generation, sweep: bool, hard_after: float | None = None,
                          timeout: float | None = None) -> None:
@@ -231,44 +327,48 @@ class Daemon:
         # Its idle keep-alive connections go to the serving generation if that one takes them.
         hand_on = (not sweep and self.serving not in (None, generation)
                    and handoff.takes_handoff(self.cfg.worker_class))
-        generation.send({"t": "drain", "sweep": sweep, "timeout": timeout, "handoff": hand_on})
-        grace = hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0
-        self.loop.call_later(grace, lambda: self._overstayed(generation))
+        generation.send({KIND: ToMaster.DRAIN, "sweep": sweep, "timeout": timeout, "handoff": hand_on})
+        self.watch_overstay(generation, hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0)
 
     def stop_generation(self, generation: Generation, hard_after: float) -> None:
         generation.state = DRAINING
-        generation.send({"t": "stop"})
-        self.loop.call_later(hard_after, lambda: self._overstayed(generation))
+        generation.send({KIND: ToMaster.STOP})
+        self.watch_overstay(generation, hard_after)
 
-    def _overstayed(self, generation: Generation) -> None:
-        if generation.alive or generation.worker_pids:
-            self.log.warning("generation_killed", generation=generation.id, detail="did not exit in time")
-            generation.kill(signal.SIGKILL)
+    def watch_overstay(self, generation: Generation, after: float) -> None:
+        """SIGKILL `generation` if it (or a worker of it) is still there `after` seconds from now."""
+        def overstayed() -> None:
+            if generation.alive or generation.worker_pids:
+                self.log.warning("generation_killed", generation=generation.id, detail="did not exit in time")
+                self.env.kill(generation, signal.SIGKILL)
+        self.loop.call_later(after, overstayed)
 
     def on_generation_message(self, generation: Generation, message) -> None:
         # Guarded one by one: an exception must not drop the messages after it in the same read.
         self.loop.guarded(self.handle_generation_message, generation, message)
 
     def handle_generation_message(self, generation: Generation, message) -> None:
-        if not isinstance(message, dict):
-            return
-        if message.get("t") == "workers":
-            generation.snapshot = message
-        elif message.get("t") == "metrics":
+        kind = kind_of(message)
+        if kind == ToDaemon.METRICS:
             self.metrics.add_requests(message.get("requests") or {})
             for cause in message.get("exits") or ():
                 self.metrics.count("worker_exits", str(cause))
             return
-        elif message.get("t") == "ready" and generation.state not in (SERVING, DRAINING):
-            generation.state = READY
+        if kind == ToDaemon.WORKERS:
+            generation.snapshot = message
+        elif kind == ToDaemon.READY:
+            generation.mark_ready()
+        if kind is None:
+            return
         if self.operation is not None:
             self.drive(self.operation, "on_message", generation, message)
-        elif message.get("t") == "ready" and generation.state == READY:
-            self.recovered(generation)
+        elif kind == ToDaemon.READY and generation.starting:
+            self.promote(generation)  # crash recovery's generation: the only one starting outside an operation
+            self.log.info("recovered", generation=generation.id)
 
     def reap(self) -> None:
-        for pid, status in proc.reaped_children():
-            self._processes.pop(pid, None)
+        for pid, status in self.env.reaped_children():
+            self.usage.forget(pid)
             generation = next((g for g in self.generations if g.pid == pid and g.alive), None)
             if generation is not None:
                 self.on_generation_exit(generation, proc.describe_exit(status))
@@ -277,97 +377,27 @@ class Daemon:
 
     def on_generation_exit(self, generation: Generation, how: str) -> None:
         was = generation.state
-        generation.exit_status = how
-        generation.state = FAILED if was in ("starting", READY) or generation.rolled_back else EXITED
+        was_starting = generation.starting
+        generation.exited(how)
         if generation.state == FAILED:
             self.metrics.count("generations", "rolled_back" if generation.rolled_back else "failed")
-        generation.snapshot = {**generation.snapshot, "workers": []}
         generation.close(self.loop)
-        self.log.info("generation_exited", generation=generation.id, status=how, was=was,
-                      state=generation.state)
+        self.log.info("generation_exited", generation=generation.id, status=how, was=was, state=generation.state)
         # Orphaned workers (re-parented to us) get SIGTERM from the kernel; kill stragglers later.
         self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: self.kill_stragglers(generation.pid))
-        self.generations = [g for g in self.generations if g.alive or g is generation][-20:]
+        self.generations = [g for g in self.generations if g.alive or g is generation][-_KEPT_GENERATIONS:]
         if self.operation is not None:
             self.drive(self.operation, "on_exit", generation)
-        if was == SERVING and self.state in ("running", "crashlooping"):
-            self.crashed(generation, how)
-        elif was in ("starting", READY) and self.operation is None and self.state in ("running", "crashlooping"):
-            # Only crash recovery starts a generation outside an operation: its failure is a crash too.
-            self.crashed(generation, how)
+        running = self.state in (DaemonState.RUNNING, DaemonState.CRASHLOOPING)
+        # Only crash recovery starts a generation outside an operation: its failure is a crash too.
+        if running and (was == SERVING or (was_starting and self.operation is None)):
+            self.recovery.crashed(generation, how, time.time())
 
     def kill_stragglers(self, group: int | None = None) -> None:
-        """SIGKILL what is left of exited masters: workers re-parented to us (we are their
-        subreaper) that ignored the SIGTERM of their master's death, e.g. hung or stopped
-        ones. `group` is an exited master's pid (its process group); None means every
-        child's group but ours (at shutdown)."""
-        import psutil
-        try:
-            children = psutil.Process(self.pid).children()
-        except psutil.Error:
-            return
-        groups = set()
-        for child in children:
-            try:
-                groups.add(os.getpgid(child.pid))
-            except OSError:
-                pass
-        groups -= {os.getpgrp(), *(g.pid for g in self.generations if g.alive)}
-        for pgid in groups if group is None else groups & {group}:
-            self.log.warning("stragglers_killed", group=pgid, detail="left by an exited master")
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except OSError:
-                pass
-
-    # --- crash recovery: whenever nothing serves or starts, start a generation ---
-
-    def crashed(self, generation: Generation, how: str) -> None:
-        if self.serving is not None or self.starting:
-            return
-        lived = time.monotonic() - (generation.ready_at or generation.started_mono)
-        if lived > _STABLE_AFTER and generation.state == EXITED:
-            self.crashes.clear()
-        self.crashes.append({"generation": generation.id, "status": how, "at": time.time(),
-                             "output": generation.last_lines(5)})
-        self.crashes = self.crashes[-10:]
-        if len(self.crashes) > 1:
-            self.state = "crashlooping"
-        self.log.error("master_crashed", generation=generation.id, status=how, restart_in=self.backoff(),
-                       crashes=len(self.crashes), state=self.state)
-        self.ensure_serving()
-
-    @property
-    def starting(self) -> bool:
-        return any(g.state in ("starting", READY) for g in self.generations)
-
-    def backoff(self) -> float:
-        return 0.0 if len(self.crashes) <= 1 else min(_CRASH_BACKOFF_MAX, 0.5 * 2 ** (len(self.crashes) - 1))
-
-    def ensure_serving(self) -> None:
-        """Arm recovery when no generation serves or starts: after a crash, and after
-        every operation (one may end with nothing serving, e.g. the new master died
-        right after cutover while the old one drained). Running operations, a
-        stopping daemon and a recovery already armed wait their turn."""
-        if (self.serving is not None or self.starting or self.operation is not None
-                or self.state in ("starting", "stopping") or self.recovery_timer is not None):
-            return
-        self.recovery_timer = self.loop.call_later(self.backoff(), self.recover)
-
-    def recover(self) -> None:
-        self.recovery_timer = None
-        if (self.operation is not None or self.state in ("starting", "stopping") or self.serving is not None
-                or self.starting):
-            return
-        try:
-            self.start_generation()
-        except OSError as exc:
-            self.log.error("recovery_failed", error=str(exc))
-            self.recovery_timer = self.loop.call_later(_CRASH_BACKOFF_MAX, self.recover)
-
-    def recovered(self, generation: Generation) -> None:
-        self.promote(generation)
-        self.log.info("recovered", generation=generation.id)
+        """SIGKILL what is left of exited masters: workers re-parented to us that ignored
+        the SIGTERM of their master's death (hung or stopped ones). `group`: one exited
+        master's process group; None: every child's group but the live masters' (at shutdown)."""
+        self.env.kill_stragglers(self.pid, {g.pid for g in self.generations if g.alive}, group, self.log)
 
     # --- operations ---
 
@@ -378,14 +408,13 @@ class Daemon:
             self.operation.fail(protocol.FAILED, f"drain interrupted: {operation.name} took over")
         if self.operation is not None:
             operation.responder.fail(protocol.BUSY, f"{self.operation.name} is running "
-                                     f"(for {time.monotonic() - self.operation.started:.1f} s)")
+                                     f"(for {self.clock() - self.operation.started:.1f} s)")
             return False
-        if self.state == "stopping" and not takeover:
+        if self.state == DaemonState.STOPPING and not takeover:
             operation.responder.fail(protocol.BUSY, "the daemon is stopping")
             return False
         if operation.reloads_service:
-            self.loop.cancel(self.recovery_timer)
-            self.recovery_timer = None
+            self.recovery.cancel()
             self.notify(*systemd.reloading_lines())
         self.operation = operation
         self.drive(operation, "start")
@@ -416,63 +445,33 @@ class Daemon:
             responder.fail(protocol.INTERNAL, internal_message(exc), where=where)
 
     def finish_operation(self, operation, ok: bool, outcome: str, error: dict | None, result: dict | None):
+        """An operation's end (the first of its succeed()/fail() calls): answer, record, recover."""
         if operation.finished:
             return
         operation.finished = True
         if self.operation is operation:
             self.operation = None
+        duration = self.clock() - operation.started
         self.last_operation = {"op": operation.name, "ok": ok, "outcome": outcome,
-                               "error": error["message"] if error else None,
-                               "duration_s": round(time.monotonic() - operation.started, 3)}
-        self.metrics.operation_done(operation.name, outcome, time.monotonic() - operation.started)
+                               "error": error["message"] if error else None, "duration_s": round(duration, 3)}
+        self.metrics.operation_done(operation.name, outcome, duration)
         if ok:
             operation.responder.done(result or {})
         else:
             operation.responder.fail(error["code"], error["message"],
                                      **{k: v for k, v in error.items() if k not in ("code", "message")})
-        if operation.reloads_service and self.state != "stopping":
+        if operation.reloads_service and self.state != DaemonState.STOPPING:
             self.notify("READY=1", self.status_line())
-        self.ensure_serving()
+        self.recovery.ensure_serving()
 
     # --- config ---
 
     def read_config(self) -> config.Config:
         return config.load(self.flags, self.environ)
 
-    @staticmethod
-    def bind_explicit(cfg: config.Config) -> bool:
-        return cfg.sources.get("bind", "default") != "default"
-
-    def bind_specs(self, cfg: config.Config) -> list[str]:
-        """The listener specs `cfg` asks for. Without an explicit bind, socket-activated
-        listeners (fd://N) stay what we serve across reloads."""
-        activated = [l.spec for l in self.listeners if l.spec.startswith("fd://")]
-        return cfg.bind if self.bind_explicit(cfg) or not activated else activated
-
-    def apply_config(self, cfg: config.Config, target: int, open_listeners: bool = False) -> None:
-        if open_listeners:
-            self.listeners = listeners_mod.open_listeners(self.bind_specs(cfg), cfg.backlog,
-                                                          current=self.listeners, unix_mode=cfg.unix_socket_mode)
+    def apply_config(self, cfg: config.Config, target: int) -> None:
         self.cfg = cfg
         self.target = target
-
-    def restore_config(self, cfg, target, old_listeners) -> None:
-        self.close_unused_listeners(self.listeners, keep=old_listeners)
-        self.listeners = old_listeners
-        self.cfg, self.target = cfg, target
-
-    def close_unused_listeners(self, candidates, keep=None) -> None:
-        keep_fds = {l.fd for l in (keep if keep is not None else self.listeners)}
-        for listener in candidates:
-            if listener.fd not in keep_fds:
-                self._close_listener(listener)
-
-    def _close_listener(self, listener) -> None:
-        try:
-            listeners_mod.unlink_owned(listener)
-        except OSError as exc:
-            self.log.warning("listener_unlink_failed", listener=listener.spec, error=str(exc))
-        listener.sock.close()
 
     # --- signals: the same operations the control commands use ---
 
@@ -505,41 +504,27 @@ class Daemon:
             self.log.error("reopen_logs_failed", error=error)
         for generation in self.generations:
             if generation.alive:
-                generation.send({"t": "reopen_logs"})
+                generation.send({KIND: ToMaster.REOPEN_LOGS})
         return errors
 
     # --- status ---
 
-    def process_usage(self, pid: int) -> tuple[int, float]:
-        import psutil
-        process = self._processes.get(pid)
-        try:
-            if process is None:
-                process = self._processes[pid] = psutil.Process(pid)
-                process.cpu_percent(None)
-            return process.memory_info().rss, process.cpu_percent(None)
-        except psutil.Error:
-            return 0, 0.0
-
     def status(self) -> dict:
         status = {
-            "daemon": {"pid": self.pid, "version": __version__, "state": self.state,
+            "daemon": {"pid": self.pid, "version": __version__, "state": str(self.state),
                        "drain_delay_left_s": _rounded(self.drain_delay_left()),
                        "not_ready": self.not_ready_reason(),
-                       "uptime_s": round(time.monotonic() - self.started, 1), "socket": self.control.path,
-                       **dict(zip(("rss_bytes", "cpu_percent"), self.process_usage(self.pid))),
+                       "uptime_s": round(self.clock() - self.started, 1), "socket": self.control.path,
+                       **dict(zip(("rss_bytes", "cpu_percent"), self.usage(self.pid))),
                        "metrics_address": self.health.address if self.health else None},
             "target_workers": self.target,
-            "listeners": [l.describe() for l in self.listeners],
-            "generations": [g.describe(self.process_usage) for g in self.generations if g.alive],
+            "listeners": self.listeners.describe(),
+            "generations": [g.describe(self.usage) for g in self.generations if g.alive],
             "last_operation": self.last_operation,
             "operation": self.operation.name if self.operation else None,
-            "crashes": self.crashes,
+            "crashes": self.recovery.crashes,
         }
-        # Forget the psutil handles of processes no longer listed (they would pile up across upgrades).
-        listed = {self.pid} | {w["pid"] for g in status["generations"] for w in g["workers"]}
-        for pid in set(self._processes) - listed:
-            del self._processes[pid]
+        self.usage.keep_only({self.pid} | {w["pid"] for g in status["generations"] for w in g["workers"]})
         return status
 
     def status_line(self) -> str:
@@ -556,19 +541,3 @@ class Daemon:
     def watchdog(self, interval: float) -> None:
         self.notify("WATCHDOG=1")
         self.loop.call_later(interval, lambda: self.watchdog(interval))
-
-    # --- pidfile ---
-
-    def write_pidfile(self, reexecuted: bool = False) -> None:
-        if not self.cfg.pidfile:
-            return
-        try:
-            pidfile.write(self.cfg.pidfile, self.pid)
-        except OSError as exc:
-            if not reexecuted:
-                raise  # a fresh start refuses; a re-exec'd daemon already serves and must go on
-            self.log.error("pidfile_not_written", pidfile=self.cfg.pidfile, error=str(exc))
-
-    def remove_pidfile(self) -> None:
-        if self.cfg.pidfile:
-            pidfile.remove(self.cfg.pidfile, self.pid)

@@ -1,23 +1,37 @@
 """The daemon's handle on one generation: a master process started by
 posix_spawn (fork + exec of a fresh interpreter), its channel, its output,
-and the last worker table it reported."""
+the last worker table it reported, and its lifecycle state. It exports and
+adopts its own part of the daemon's state across a daemon re-exec."""
 
 from __future__ import annotations
 
 import collections
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
+from enum import StrEnum
 
-from . import listeners as listeners_mod
 from .channel import Channel
+from .messages import KIND, ToMaster
 
-STARTING, READY, SERVING, DRAINING, EXITED, FAILED = (
-    "starting", "ready", "serving", "draining", "exited", "failed")
 _TAIL_LINES = 40
+
+
+class GenerationState(StrEnum):
+    """starting -> ready -> serving -> draining -> exited, or starting -> failed.
+    The values are what status reports."""
+
+    STARTING = "starting"  # master spawned, workers booting
+    READY = "ready"        # every worker ready; not yet cut over to
+    SERVING = "serving"
+    DRAINING = "draining"  # told to drain or stop; finishing in-flight work
+    EXITED = "exited"
+    FAILED = "failed"      # exited before it served, or was rolled back
+
+
+STARTING, READY, SERVING, DRAINING, EXITED, FAILED = GenerationState
 
 
 def resolve_python(python: str) -> str:
@@ -29,13 +43,13 @@ def resolve_python(python: str) -> str:
 
 
 class Generation:
-    def __init__(self, number: int, daemon_pid: int):
+    def __init__(self, number: int, daemon_pid: int, now: float | None = None):
         self.id = number
         self.daemon_pid = daemon_pid
         self.pid = 0
         self.state = STARTING
         self.started_at = time.time()
-        self.started_mono = time.monotonic()
+        self.started_mono = time.monotonic() if now is None else now
         self.ready_at: float | None = None
         self.channel: Channel | None = None
         self.output_fd = -1
@@ -46,12 +60,12 @@ class Generation:
         self.rolled_back = False  # drained because it failed to become ready: ends as "failed"
         self.extra_env: dict = {}  # upgrade --env it was started with
 
-    def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
-              extra_env: dict, on_message) -> None:
+    def spawn(self, loop, python: str, settings: dict, target: int, environment: dict, on_message) -> None:
+        """Start the master; `environment` names the listeners and the handoff channel
+        and carries upgrade --env."""
         ours, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
-        env = {**os.environ, **(extra_env or {}), **listeners_mod.generation_env(listeners),
-               "APPD_GENERATION": str(self.id), "APPD_DAEMON_PID": str(self.daemon_pid),
+        env = {**os.environ, **environment, "APPD_GENERATION": str(self.id), "APPD_DAEMON_PID": str(self.daemon_pid),
                "APPD_CHANNEL_FD": str(theirs.fileno()), "PYTHONUNBUFFERED": "1"}
         os.set_inheritable(theirs.fileno(), True)
         try:
@@ -70,7 +84,35 @@ class Generation:
             theirs.close()
         os.close(out_w)
         self.adopt(loop, ours.detach(), out_r, on_message)
-        self.channel.send({"t": "config", "settings": settings, "target": target})
+        self.channel.send({KIND: ToMaster.CONFIG, "settings": settings, "target": target})
+
+    # --- across a daemon re-exec ---
+
+    def export_state(self, now: float) -> dict:
+        return {"id": self.id, "pid": self.pid, "state": str(self.state), "started_at": self.started_at,
+                "age": now - self.started_mono,
+                "ready_age": None if self.ready_at is None else now - self.ready_at,
+                "channel_fd": self.channel.sock.fileno() if self.channel and not self.channel.closed else -1,
+                "output_fd": self.output_fd, "snapshot": self.snapshot, "tail": list(self.tail),
+                "env": self.extra_env}
+
+    @classmethod
+    def from_state(cls, entry: dict, daemon_pid: int, now: float, loop, on_message) -> "Generation":
+        generation = cls(entry["id"], daemon_pid)
+        generation.pid, generation.started_at = entry["pid"], entry["started_at"]
+        generation.state = GenerationState(entry["state"])
+        generation.started_mono = now - entry["age"]
+        generation.ready_at = None if entry["ready_age"] is None else now - entry["ready_age"]
+        generation.snapshot = entry["snapshot"]
+        generation.extra_env = entry.get("env", {})
+        generation.tail.extend(entry["tail"])
+        generation.adopt(loop, entry["channel_fd"], entry["output_fd"], on_message)
+        return generation
+
+    def flush(self) -> None:
+        """Send what is buffered for the master, blocking briefly (just before an exec)."""
+        if self.channel and not self.channel.closed:
+            self.channel.flush_pending(timeout=1.0)
 
     def adopt(self, loop, channel_fd: int, output_fd: int, on_message) -> None:
         """Take over a running generation's descriptors (daemon re-exec in place)."""
@@ -115,17 +157,30 @@ class Generation:
         if self.channel is not None:
             self.channel.send(message)
 
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        """Signal the master's whole process group (it is a session leader)."""
-        if self.pid and self.state not in (EXITED, FAILED):
-            try:
-                os.killpg(self.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
+    # --- lifecycle ---
 
     @property
     def alive(self) -> bool:
         return self.state not in (EXITED, FAILED)
+
+    @property
+    def starting(self) -> bool:
+        return self.state in (STARTING, READY)
+
+    def mark_ready(self) -> None:
+        """Its master said every worker is ready (a later message changes nothing)."""
+        if self.state == STARTING:
+            self.state = READY
+
+    def serve(self, now: float) -> None:
+        self.state = SERVING
+        self.ready_at = now
+
+    def exited(self, how: str) -> None:
+        """Failed if it never served (or was rolled back), else exited."""
+        self.exit_status = how
+        self.state = FAILED if self.starting or self.rolled_back else EXITED
+        self.snapshot = {**self.snapshot, "workers": []}
 
     @property
     def worker_pids(self) -> list[int]:

@@ -97,30 +97,45 @@ def backlog(sock: socket.socket) -> tuple:
     return struct.unpack_from("=II", info, 24) if len(info) >= 32 else ()
 
 
-def _remove_stale_unix(path: str) -> None:
-    """Unlink a socket file nobody listens on any more; refuse anything else."""
+_CRED = struct.Struct("3i")
+
+
+def unix_socket_owner(path: str, what: str = "") -> int | None:
+    """Who listens on the unix socket at `path`: None when nobody does (a stale
+    file, now unlinked, or no file), else the listener's pid. The one check for
+    unix listeners and the control socket alike: a symlink or a non-socket is
+    refused, and a socket whose owner cannot be told (EACCES, a live owner too
+    busy to accept) is never deleted."""
+    label = f"{what} {path}" if what else path
     try:
-        existing = os.lstat(path).st_mode
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(existing):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        return None
+    if stat.S_ISLNK(mode):
+        raise OSError(f"{label} is a symlink; refusing to use it")
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{label} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except ConnectionRefusedError:  # stale: its owner is gone
-        os.unlink(path)
-        return
-    except OSError as exc:  # EACCES, a timeout (a live owner too busy to accept)...: never delete it
-        raise OSError(f"{path} may be in use ({exc.strerror or exc}); refusing to replace it") from None
+        return _CRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[0]
+    except (ConnectionRefusedError, FileNotFoundError):  # stale: its owner is gone
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return None
+    except OSError as exc:
+        raise OSError(f"{label} may be in use ({exc.strerror or exc}); refusing to replace it") from None
     finally:
         probe.close()
-    raise OSError(f"{path} is in use by another live process")
 
 
 def _bind_unix(path: str, backlog: int, mode: int) -> socket.socket:
-    _remove_stale_unix(path)
+    owner = unix_socket_owner(path)
+    if owner is not None:
+        raise OSError(f"{path} is in use by another live process (pid {owner})")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)  # the mode at creation: no chmod by path (symlink races)
     try:

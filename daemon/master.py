@@ -27,6 +27,7 @@ from . import listeners as listeners_mod
 from . import log, proc, process_setup
 from .channel import Channel
 from .loop import Loop
+from .messages import KIND, SERVE, ToDaemon, ToMaster, kind_of
 from .recycle import Recycler
 from .worker_handle import WorkerHandle
 from .workers import worker_class
@@ -98,7 +99,7 @@ class Master:
         except BaseException:
             text = traceback.format_exc()
             sys.stderr.write(text)
-            self.channel.send({"t": "boot_failed", "reason": "the app failed to import in the master "
+            self.channel.send({KIND: ToDaemon.BOOT_FAILED, "reason": "the app failed to import in the master "
                                "(preload_app)", "output": text})
             self.channel.flush_and_close()
             return False
@@ -248,8 +249,8 @@ class Master:
             self.log.info("generation_ready", workers=ready)
             self.report_workers(force=True)  # the daemon's table is current when it hears "ready"
             for handle in self.workers.values():
-                handle.send("SERVE=1")  # cutover: the gated workers start accepting
-            self.channel.send({"t": "ready"})
+                handle.send(SERVE)  # cutover: the gated workers start accepting
+            self.channel.send({KIND: ToDaemon.READY})
             self.call_hook("on_ready")
         if self.reload_state and ready >= self.target and not any(h.outgoing for h in self.workers.values()):
             self.finish_reload(ok=True)
@@ -291,7 +292,7 @@ class Master:
             handle.mark_ready()
         self.dirty = True
         self.spawn_failures = 0
-        self.channel.send({"t": "worker_ready", "pid": handle.pid, "ready": self.ready_count(),
+        self.channel.send({KIND: ToDaemon.WORKER_READY, "pid": handle.pid, "ready": self.ready_count(),
                            "target": self.target})
 
     def on_worker_exit(self, handle: WorkerHandle, how: str) -> None:
@@ -307,7 +308,7 @@ class Master:
             reason += f": {cause[:300]}"
         self.log.error("worker_boot_failed", worker=handle.pid, status=how)
         if self.phase == BOOTING:
-            self.channel.send({"t": "boot_failed", "reason": reason, "output": output})
+            self.channel.send({KIND: ToDaemon.BOOT_FAILED, "reason": reason, "output": output})
             self.exit_code = EXIT_BOOT_FAILED
             # Graceful: workers still booting exit at once, booted ones may hold a request.
             self.stop_workers(graceful=True)
@@ -332,23 +333,23 @@ class Master:
             self.reopen_logs()
 
     def on_daemon_message(self, channel, message) -> None:
-        kind = message.get("t") if isinstance(message, dict) else None
-        if kind == "drain":
+        kind = kind_of(message)
+        if kind == ToMaster.DRAIN:
             self.log.info("draining", sweep=bool(message.get("sweep")), timeout=message.get("timeout"))
             self.stop_workers(graceful=True, sweep=bool(message.get("sweep")), timeout=message.get("timeout"),
                               handoff=bool(message.get("handoff")))
-        elif kind == "stop":
+        elif kind == ToMaster.STOP:
             self.stop_workers(graceful=False)
-        elif kind == "scale":
+        elif kind == ToMaster.SCALE:
             old, self.target = self.target, int(message["target"])
             self.dirty = True
             if self.target != old:
                 self.gunicorn_hook("nworkers_changed", self.target, old)
-        elif kind == "reload":
+        elif kind == ToMaster.RELOAD:
             self.start_reload(message["settings"])
-        elif kind == "retire":
+        elif kind == ToMaster.RETIRE:
             self.retire(int(message["pid"]))
-        elif kind == "reopen_logs":
+        elif kind == ToMaster.REOPEN_LOGS:
             self.reopen_logs()
 
     def on_daemon_gone(self, channel, reason: str) -> None:
@@ -360,7 +361,7 @@ class Master:
 
     def start_reload(self, settings: dict) -> None:
         if self.phase != SERVING or self.reload_state:
-            self.channel.send({"t": "reloaded", "ok": False, "reason": f"cannot reload while {self.phase}"})
+            self.channel.send({KIND: ToDaemon.RELOADED, "ok": False, "reason": f"cannot reload while {self.phase}"})
             return
         self.reload_state = {"previous": self.cfg}
         self.cfg = {**self.cfg, **settings}
@@ -373,7 +374,7 @@ class Master:
 
     def finish_reload(self, ok: bool, reason: str = "", output: str = "") -> None:
         self.reload_state = None
-        self.channel.send({"t": "reloaded", "ok": ok, "reason": reason, "output": output})
+        self.channel.send({KIND: ToDaemon.RELOADED, "ok": ok, "reason": reason, "output": output})
         self.log.info("reload_finished", ok=ok, reason=reason or None)
 
     def abort_reload(self, reason: str, output: str) -> None:
@@ -402,12 +403,12 @@ class Master:
     def retire(self, pid: int) -> None:
         handle = self.workers.get(pid)
         if handle is None or handle.stop_sent_at is not None or handle.outgoing:
-            self.channel.send({"t": "retired", "ok": False, "pid": pid,
+            self.channel.send({KIND: ToDaemon.RETIRED, "ok": False, "pid": pid,
                                "reason": f"no active worker with pid {pid} in generation {self.generation}"})
             return
         handle.outgoing = True
         self.dirty = True
-        self.channel.send({"t": "retired", "ok": True, "pid": pid})
+        self.channel.send({KIND: ToDaemon.RETIRED, "ok": True, "pid": pid})
 
     def reopen_logs(self) -> None:
         log.reopen()
@@ -428,7 +429,7 @@ class Master:
         self.report_metrics()
         # Outgoing workers (reload, retire) are still ready and taking requests until told to stop.
         taking_requests = sum(1 for h in self.workers.values() if h.ready and h.stop_sent_at is None)
-        self.channel.send({"t": "workers", "phase": self.phase, "target": self.target,
+        self.channel.send({KIND: ToDaemon.WORKERS, "phase": self.phase, "target": self.target,
                            "ready": taking_requests, "replaced": list(self.recycler.replaced),
                            "workers": [h.describe() for h in self.workers.values()]})
 
@@ -440,7 +441,7 @@ class Master:
             handle.unreported = {}
         exits, self.unreported_exits = self.unreported_exits, []
         if requests or exits:
-            self.channel.send({"t": "metrics", "requests": requests, "exits": exits})
+            self.channel.send({KIND: ToDaemon.METRICS, "requests": requests, "exits": exits})
 
     def call_hook(self, name: str) -> None:
         """appd's own master hooks (on_ready): f(master)."""

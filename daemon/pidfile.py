@@ -26,3 +26,25 @@ def remove(path: str, pid: int) -> None:
                 os.unlink(path)
     except OSError:
         pass
+
+
+class Pidfile:
+    """The `pidfile` setting: written at start (a fresh start that cannot write it
+    refuses to run; a re-exec'd daemon already serves and only logs), removed at exit."""
+
+    def __init__(self, path: str | None, pid: int, log):
+        self.path, self.pid, self.log = path, pid, log
+
+    def write(self, strict: bool) -> None:
+        if not self.path:
+            return
+        try:
+            write(self.path, self.pid)
+        except OSError as exc:
+            if strict:
+                raise
+            self.log.error("pidfile_not_written", pidfile=self.path, error=str(exc))
+
+    def remove(self) -> None:
+        if self.path:
+            remove(self.path, self.pid)

@@ -3,7 +3,8 @@ execve()s its own, possibly new, code and keeps its PID, listeners, control
 socket, connected clients and running generations.
 
 State crosses the exec as one versioned msgpack map in a memfd whose number
-is in APPD_DAEMON_STATE_FD. Before the exec, the new code is probed in a
+is in APPD_DAEMON_STATE_FD. This module only carries it: each part of the
+daemon exports and adopts its own piece (Daemon.export_state, from_state). Before the exec, the new code is probed in a
 child interpreter; if it cannot import or cannot read this state version,
 nothing happens and the old daemon keeps running.
 """
@@ -11,16 +12,9 @@ nothing happens and the old daemon keeps running.
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
 
 import msgpack
-
-from appdctl import protocol
-
-from . import __version__
-from .metrics import MetricsState
 
 STATE_VERSION = 1
 STATE_FD_ENV = "APPD_DAEMON_STATE_FD"
@@ -36,7 +30,7 @@ _ENTRY_KEYS = {"listeners": ("fd", "name", "spec"), "clients": ("fd", "buffer", 
 def probe(argv: list[str]) -> int:
     """In a child of the old daemon, with the new code: dry-run what the new image
     will do, parse the daemon's arguments and read the handed-over state (on
-    stdin) as far as restore() needs, without touching a descriptor.
+    stdin) as far as Daemon.from_state() needs, without touching a descriptor.
     Exit 0: fine; 2: the arguments do not parse; 3: the state is not readable."""
     from . import cli, daemon  # noqa: F401  (the import itself is part of the test)
     try:
@@ -63,7 +57,7 @@ def check_state(state) -> None:
     missing = [key for key in _STATE_KEYS if key not in state]
     if missing:
         raise ValueError(f"daemon state lacks {', '.join(missing)}")
-    for part, keys in _ENTRY_KEYS.items():  # what restore() reads of each entry
+    for part, keys in _ENTRY_KEYS.items():  # what from_state() reads of each entry
         for entry in state[part]:
             lacking = [key for key in keys if key not in entry]
             if lacking:
@@ -95,37 +89,8 @@ def start_probe(state: bytes) -> tuple[int, int]:
     return pid, out_r
 
 
-def snapshot(daemon, client=None, request_id=None) -> dict:
-    """Everything the next image needs, with fds by number."""
-    return {
-        "version": STATE_VERSION,
-        "argv": sys.argv,
-        "flags": daemon.flags,
-        "config": {"values": daemon.cfg.values, "sources": daemon.cfg.sources},
-        "environ": daemon.environ,
-        "target": daemon.target,
-        "started_wall": time.time() - (time.monotonic() - daemon.started),
-        "next_generation": daemon.next_generation,
-        "last_operation": daemon.last_operation,
-        "operation_age": time.monotonic() - daemon.operation.started if daemon.operation else 0.0,
-        "crashes": daemon.crashes,
-        "state": daemon.state,
-        "metrics": daemon.metrics.to_state(),
-        "listeners": [{"fd": l.fd, "name": l.name, "spec": l.spec, "owned": l.owned} for l in daemon.listeners],
-        "generation_env": daemon.generation_env,
-        "control": {"fd": daemon.control.sock.fileno(), "path": daemon.control.path},
-        "handoff": daemon.handoff.fds(),
-        "clients": [{"fd": c.channel.sock.fileno(), "buffer": bytes(c.channel.decoder.buffer),
-                     "reply_to": request_id if c is client else None}
-                    for c in daemon.control.clients if not c.channel.closed],
-        "generations": [{
-            "id": g.id, "pid": g.pid, "state": g.state, "started_at": g.started_at,
-            "age": time.monotonic() - g.started_mono,
-            "ready_age": None if g.ready_at is None else time.monotonic() - g.ready_at,
-            "channel_fd": g.channel.sock.fileno() if g.channel and not g.channel.closed else -1,
-            "output_fd": g.output_fd, "snapshot": g.snapshot, "tail": list(g.tail), "env": g.extra_env,
-        } for g in daemon.generations if g.alive],
-    }
+def pack(state: dict) -> bytes:
+    return msgpack.packb(state, use_bin_type=True)
 
 
 def fds_of(state: dict) -> list[int]:
@@ -138,14 +103,10 @@ def fds_of(state: dict) -> list[int]:
 
 def execute(daemon, client, request_id) -> str:
     """Flush, hand over and exec. Returns only on failure, with the reason."""
-    for c in list(daemon.control.clients):
-        c.channel.flush_pending(timeout=1.0)
-    for g in daemon.generations:
-        if g.channel and not g.channel.closed:
-            g.channel.flush_pending(timeout=1.0)
-    state = snapshot(daemon, client, request_id)
+    daemon.flush_channels()
+    state = daemon.export_state(client, request_id)
     memfd = os.memfd_create("appd-state", 0)
-    os.write(memfd, msgpack.packb(state, use_bin_type=True))
+    os.write(memfd, pack(state))
     os.lseek(memfd, 0, os.SEEK_SET)
     fds = fds_of(state) + [memfd]
     for fd in fds:
@@ -155,8 +116,9 @@ def execute(daemon, client, request_id) -> str:
     try:
         os.execve(sys.executable, argv, env)
     except OSError as exc:
+        shared = set(daemon.shared_fds())
         for fd in fds[:-1]:
-            if fd not in [l.fd for l in daemon.listeners] + daemon.handoff.fds():
+            if fd not in shared:
                 os.set_inheritable(fd, False)
         os.close(memfd)
         return f"exec of {sys.executable} failed: {exc.strerror or exc}"
@@ -177,54 +139,3 @@ def read_state(environ=os.environ) -> dict | None:
     for fd in [l["fd"] for l in state["listeners"]] + state.get("handoff", []):
         os.set_inheritable(fd, True)  # generations inherit them
     return state
-
-
-def restore(daemon, state: dict) -> None:
-    """Rebuild the daemon around the descriptors the previous image left open."""
-    from .control import ControlClient, ControlServer
-    from .handoff import Channel
-    from .generation import Generation
-    from .listeners import Listener
-
-    daemon.target = state["target"]
-    daemon.started = time.monotonic() - (time.time() - state["started_wall"])
-    daemon.next_generation = state["next_generation"]
-    daemon.last_operation = {"op": "upgrade-daemon", "ok": True, "outcome": "done", "error": None,
-                             "duration_s": round(state["operation_age"], 3)}
-    daemon.crashes = state["crashes"]
-    daemon.metrics = MetricsState(state.get("metrics"))
-    daemon.state = state["state"]
-    daemon.generation_env = state.get("generation_env", {})
-    daemon.listeners = [Listener(l["name"], adopt_socket(l["fd"]), l["spec"], l.get("owned", l["spec"].startswith("unix:")))
-                        for l in state["listeners"]]
-    daemon.control = ControlServer(daemon, daemon.cfg, adopt_fd=state["control"]["fd"])
-    if state.get("handoff"):  # absent when the previous image predates connection handoff
-        daemon.handoff = Channel.adopt(state["handoff"])
-    now = time.monotonic()
-    for g in state["generations"]:
-        generation = Generation(g["id"], daemon.pid)
-        generation.pid, generation.state, generation.started_at = g["pid"], g["state"], g["started_at"]
-        generation.started_mono = now - g["age"]
-        generation.ready_at = None if g["ready_age"] is None else now - g["ready_age"]
-        generation.snapshot = g["snapshot"]
-        generation.extra_env = g.get("env", {})
-        generation.tail.extend(g["tail"])
-        generation.adopt(daemon.loop, g["channel_fd"], g["output_fd"], daemon.on_generation_message)
-        daemon.generations.append(generation)
-        if generation.state == "draining":
-            daemon.loop.call_later(daemon.cfg.graceful_timeout + 5.0, lambda gen=generation: daemon._overstayed(gen))
-    for c in state["clients"]:
-        client = ControlClient(daemon.control, adopt_socket(c["fd"]))
-        daemon.control.clients.add(client)
-        if c["reply_to"] is not None:
-            client.send(protocol.ok_reply(c["reply_to"], {"outcome": "done", "pid": daemon.pid,
-                                                          "version": __version__}))
-        if c["buffer"]:
-            for message in client.channel.decoder.feed(c["buffer"]):
-                client.on_message(client.channel, message)
-
-
-def adopt_socket(fd: int) -> socket.socket:
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)
-    return sock

@@ -5,7 +5,7 @@ target: new ones ready first, old ones drained after. With preload_app the
 workers are re-forked from the master's code and the reply says to use
 upgrade for new code. Waits for the outcome unless --no-wait."""
 
-from ..operations import Reload
+from ..reload import Reload
 from ._detach import begin
 
 

@@ -18,7 +18,8 @@ import os
 
 from appdctl import protocol
 
-from ..operations import ReexecDaemon, Upgrade
+from ..operations import ReexecDaemon
+from ..upgrade import Upgrade
 from ._detach import begin
 
 _PRIVILEGED_PREFIXES = ("LD_", "PYTHON")

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import socket
 
+from ..messages import SERVE
+
 BOOT_ERROR = "X_APPD_BOOT_ERROR="
+_SERVE_KEY, _, _SERVE_VALUE = SERVE.partition("=")
 
 
 def parse(datagram: bytes) -> dict[str, str]:
@@ -55,7 +58,7 @@ class Reporter:
         """Read the master's datagrams; True once it sent SERVE=1."""
         try:
             while True:
-                if parse(self.sock.recv(4096)).get("SERVE") == "1":
+                if parse(self.sock.recv(4096)).get(_SERVE_KEY) == _SERVE_VALUE:
                     return True
         except OSError:
             return False
