@@ -18,27 +18,26 @@ tests replace.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from enum import StrEnum
 
 from appdctl import protocol
 
-from . import __version__, config, handoff, log, proc, systemd
+from . import __version__, config, handoff, log, proc, signals, status_report, systemd
 from .control import ControlServer, LogResponder
 from .env import ProcessEnv
-from .generation import DRAINING, FAILED, SERVING, Generation
+from .generation import Generation
+from .generations import Generations
 from .listener_set import ListenerSet
 from .loop import Loop
-from .messages import KIND, ToDaemon, ToMaster, kind_of
+from .messages import KIND, ToDaemon, ToMaster
 from .metrics import MetricsState
-from .operations import Scale, Shutdown, Stop
+from .operations import Shutdown, Stop
 from .pidfile import Pidfile
 from .recovery import CrashRecovery
 from .reexec import STATE_VERSION
-from .reload import Reload
-from .upgrade import Start, Upgrade
+from .upgrade import Start
 from .usage import ProcessUsage
 
 # Settings only the daemon uses; a master gets everything else.
@@ -47,9 +46,6 @@ _DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "con
 # Variables meant for the daemon alone, not for generations.
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                 "LISTEN_FDNAMES")
-_SIGNALS = [signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
-            signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD]
-_KEPT_GENERATIONS = 20
 
 
 class DaemonState(StrEnum):
@@ -73,10 +69,6 @@ def internal_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 1)
-
-
 class Daemon:
     def __init__(self, cfg: config.Config, flags: dict, environ: dict | None = None, env=None):
         self.cfg = cfg
@@ -96,8 +88,7 @@ class Daemon:
         self.listeners = ListenerSet([], self.log)
         self.control: ControlServer | None = None
         self.handoff: handoff.Channel | None = None  # held for the service's life, as the listeners
-        self.generations: list[Generation] = []
-        self.next_generation = 1
+        self.generations = Generations(self)
         self.generation_env: dict = {}  # upgrade --env of the serving generation: recovery keeps it
         self.operation = None
         self.last_operation: dict | None = None
@@ -128,12 +119,7 @@ class Daemon:
         daemon.adopt_own_state(state)
         daemon.listeners = ListenerSet.adopt(state["listeners"], daemon.log)
         daemon.handoff = handoff.Channel.adopt(state["handoff"]) if state.get("handoff") else handoff.Channel.create()
-        now = daemon.clock()
-        for entry in state["generations"]:
-            generation = Generation.from_state(entry, daemon.pid, now, daemon.loop, daemon.on_generation_message)
-            daemon.generations.append(generation)
-            if generation.state == DRAINING:
-                daemon.watch_overstay(generation, daemon.cfg.graceful_timeout + 5.0)
+        daemon.generations.adopt(state["generations"], state["next_generation"])
         reply = {"outcome": "done", "pid": daemon.pid, "version": __version__}
         daemon.control = ControlServer.adopt(daemon, daemon.cfg, state["control"], state["clients"], reply)
         return daemon
@@ -141,7 +127,6 @@ class Daemon:
     def adopt_own_state(self, state: dict) -> None:
         self.target = state["target"]
         self.started = self.clock() - (time.time() - state["started_wall"])
-        self.next_generation = state["next_generation"]
         self.last_operation = {"op": "upgrade-daemon", "ok": True, "outcome": "done", "error": None,
                                "duration_s": round(state["operation_age"], 3)}
         self.recovery = CrashRecovery(self, state["crashes"])
@@ -157,12 +142,12 @@ class Daemon:
             "version": STATE_VERSION, "argv": sys.argv, "flags": self.flags,
             "config": {"values": self.cfg.values, "sources": self.cfg.sources}, "environ": self.environ,
             "target": self.target, "started_wall": time.time() - (now - self.started),
-            "next_generation": self.next_generation, "last_operation": self.last_operation,
+            "next_generation": self.generations.next_id, "last_operation": self.last_operation,
             "operation_age": now - self.operation.started if self.operation else 0.0,
             "crashes": self.recovery.crashes, "state": str(self.state), "metrics": self.metrics.to_state(),
             "listeners": self.listeners.export_state(), "generation_env": self.generation_env,
             "control": control, "clients": clients, "handoff": self.handoff.fds(),
-            "generations": [g.export_state(now) for g in self.generations if g.alive],
+            "generations": self.generations.export_state(now),
         }
 
     def flush_channels(self) -> None:
@@ -186,7 +171,7 @@ class Daemon:
             os.environ.pop(key, None)
         self.pidfile = Pidfile(self.cfg.pidfile, self.pid, self.log)
         self.pidfile.write(strict=not self.reexecuted)  # a re-exec'd daemon already serves and goes on
-        self.loop.catch(_SIGNALS, self.on_signal)
+        self.loop.catch(signals.CAUGHT, self.on_signal)
         self.log.info("daemon_reexecuted" if self.reexecuted else "daemon_started", version=__version__,
                       listeners=self.listeners.addresses(), control_socket=self.control.path, workers=self.target)
         if self.reexecuted:
@@ -271,9 +256,7 @@ class Daemon:
         return None
 
     def shutdown(self) -> None:
-        for generation in self.generations:
-            self.env.kill(generation, signal.SIGKILL)
-        self.kill_stragglers()
+        self.generations.kill_all()
         self.control.close()
         if self.health is not None:
             self.health.shutdown()
@@ -284,120 +267,44 @@ class Daemon:
         self.pidfile.remove()
         self.log.info("daemon_exit", code=self.exit_code)
 
-    # --- generations ---
+    # --- generations (their table is generations.py) ---
 
     def generation_settings(self) -> dict:
         return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
 
-    def start_generation(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
-        """A new generation of `target` workers (default: the daemon's); without `extra_env`
-        it gets the serving one's (upgrade --env)."""
-        generation = Generation(self.next_generation, self.pid, now=self.clock())
-        generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
-        environment = {**generation.extra_env, **self.listeners.generation_env(),
-                       **(self.handoff.env() if self.handoff else {})}
-        self.env.spawn(generation, self.loop, self.cfg.python, self.generation_settings(), target or self.target,
-                       environment, self.on_generation_message)
-        self.next_generation += 1
-        self.generations.append(generation)
-        self.metrics.count("generations", "started")
-        self.log.info("generation_started", generation=generation.id, master=generation.pid)
-        return generation
-
     @property
     def serving(self) -> Generation | None:
-        return next((g for g in reversed(self.generations) if g.state == SERVING), None)
+        return self.generations.serving
 
-    @property
-    def starting(self) -> bool:
-        return any(g.starting for g in self.generations)
-
-    def promote(self, generation: Generation) -> None:
-        generation.serve(self.clock())
+    def served_by(self, generation: Generation) -> None:
+        """`generation` serves now: its upgrade --env is what recovery starts with."""
         self.generation_env = generation.extra_env
         if self.state == DaemonState.CRASHLOOPING:
             self.state = DaemonState.RUNNING
 
-    def drain_generation(self, generation: Generation, sweep: bool, hard_after: float | None = None,
-                         timeout: float | None = None) -> None:
-        """Tell a generation to finish in-flight requests and exit; SIGKILL it if it overstays."""
-        if not generation.alive:
-            return
-        generation.state = DRAINING
-        # Its idle keep-alive connections go to the serving generation if that one takes them.
-        hand_on = (not sweep and self.serving not in (None, generation)
-                   and handoff.takes_handoff(self.cfg.worker_class))
-        generation.send({KIND: ToMaster.DRAIN, "sweep": sweep, "timeout": timeout, "handoff": hand_on})
-        self.watch_overstay(generation, hard_after if hard_after is not None else self.cfg.graceful_timeout + 5.0)
-
-    def stop_generation(self, generation: Generation, hard_after: float) -> None:
-        generation.state = DRAINING
-        generation.send({KIND: ToMaster.STOP})
-        self.watch_overstay(generation, hard_after)
-
-    def watch_overstay(self, generation: Generation, after: float) -> None:
-        """SIGKILL `generation` if it (or a worker of it) is still there `after` seconds from now."""
-        def overstayed() -> None:
-            if generation.alive or generation.worker_pids:
-                self.log.warning("generation_killed", generation=generation.id, detail="did not exit in time")
-                self.env.kill(generation, signal.SIGKILL)
-        self.loop.call_later(after, overstayed)
-
-    def on_generation_message(self, generation: Generation, message) -> None:
-        # Guarded one by one: an exception must not drop the messages after it in the same read.
-        self.loop.guarded(self.handle_generation_message, generation, message)
-
-    def handle_generation_message(self, generation: Generation, message) -> None:
-        kind = kind_of(message)
-        if kind == ToDaemon.METRICS:
-            self.metrics.add_requests(message.get("requests") or {})
-            for cause in message.get("exits") or ():
-                self.metrics.count("worker_exits", str(cause))
-            return
-        if kind == ToDaemon.WORKERS:
-            generation.snapshot = message
-        elif kind == ToDaemon.READY:
-            generation.mark_ready()
-        if kind is None:
-            return
+    def generation_said(self, generation: Generation, kind: str, message: dict) -> None:
         if self.operation is not None:
             self.drive(self.operation, "on_message", generation, message)
         elif kind == ToDaemon.READY and generation.starting:
-            self.promote(generation)  # crash recovery's generation: the only one starting outside an operation
+            self.generations.promote(generation)  # crash recovery's: the only one started outside an operation
             self.log.info("recovered", generation=generation.id)
 
     def reap(self) -> None:
         for pid, status in self.env.reaped_children():
             self.usage.forget(pid)
-            generation = next((g for g in self.generations if g.pid == pid and g.alive), None)
+            generation = self.generations.by_pid(pid)
             if generation is not None:
-                self.on_generation_exit(generation, proc.describe_exit(status))
+                self.generations.exited(generation, proc.describe_exit(status))
             elif self.operation is not None:
                 self.drive(self.operation, "on_child_exit", pid, status)
 
-    def on_generation_exit(self, generation: Generation, how: str) -> None:
-        was = generation.state
-        was_starting = generation.starting
-        generation.exited(how)
-        if generation.state == FAILED:
-            self.metrics.count("generations", "rolled_back" if generation.rolled_back else "failed")
-        generation.close(self.loop)
-        self.log.info("generation_exited", generation=generation.id, status=how, was=was, state=generation.state)
-        # Orphaned workers (re-parented to us) get SIGTERM from the kernel; kill stragglers later.
-        self.loop.call_later(self.cfg.graceful_timeout + 1.0, lambda: self.kill_stragglers(generation.pid))
-        self.generations = [g for g in self.generations if g.alive or g is generation][-_KEPT_GENERATIONS:]
+    def generation_ended(self, generation: Generation, how: str, crashed: bool, was_starting: bool) -> None:
         if self.operation is not None:
             self.drive(self.operation, "on_exit", generation)
         running = self.state in (DaemonState.RUNNING, DaemonState.CRASHLOOPING)
         # Only crash recovery starts a generation outside an operation: its failure is a crash too.
-        if running and (was == SERVING or (was_starting and self.operation is None)):
+        if running and (crashed or (was_starting and self.operation is None)):
             self.recovery.crashed(generation, how, time.time())
-
-    def kill_stragglers(self, group: int | None = None) -> None:
-        """SIGKILL what is left of exited masters: workers re-parented to us that ignored
-        the SIGTERM of their master's death (hung or stopped ones). `group`: one exited
-        master's process group; None: every child's group but the live masters' (at shutdown)."""
-        self.env.kill_stragglers(self.pid, {g.pid for g in self.generations if g.alive}, group, self.log)
 
     # --- operations ---
 
@@ -473,28 +380,10 @@ class Daemon:
         self.cfg = cfg
         self.target = target
 
-    # --- signals: the same operations the control commands use ---
+    # --- signals: the same operations the control commands use (signals.py) ---
 
     def on_signal(self, signum: int) -> None:
-        if signum == signal.SIGCHLD:
-            self.reap()
-            return
-        responder = LogResponder(self.log, source=signal.Signals(signum).name)
-        if signum == signal.SIGHUP:
-            self.begin(Reload(self, responder))
-        elif signum == signal.SIGUSR2:
-            self.begin(Upgrade(self, responder))
-        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-            self.begin(Scale(self, responder, {"delta": 1 if signum == signal.SIGTTIN else -1}))
-        elif signum == signal.SIGTERM and isinstance(self.operation, Shutdown) and self.operation.delaying:
-            self.operation.cut_delay_short("a second SIGTERM")
-        elif signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            shutdown = (Shutdown if signum == signal.SIGTERM else Stop)(self, responder, {})
-            if self.operation is not None and not isinstance(self.operation, Shutdown):
-                self.operation.fail(protocol.FAILED, f"interrupted by {signal.Signals(signum).name}")
-            self.begin(shutdown)
-        elif signum == signal.SIGUSR1:
-            self.reopen_logs()
+        signals.handle(self, signum)
 
     def reopen_logs(self) -> list[str]:
         """Reopen log files everywhere; the daemon's files that cannot be reopened
@@ -502,37 +391,16 @@ class Daemon:
         errors = log.reopen()
         for error in errors:
             self.log.error("reopen_logs_failed", error=error)
-        for generation in self.generations:
-            if generation.alive:
-                generation.send({KIND: ToMaster.REOPEN_LOGS})
+        self.generations.send_all({KIND: ToMaster.REOPEN_LOGS})
         return errors
 
     # --- status ---
 
     def status(self) -> dict:
-        status = {
-            "daemon": {"pid": self.pid, "version": __version__, "state": str(self.state),
-                       "drain_delay_left_s": _rounded(self.drain_delay_left()),
-                       "not_ready": self.not_ready_reason(),
-                       "uptime_s": round(self.clock() - self.started, 1), "socket": self.control.path,
-                       **dict(zip(("rss_bytes", "cpu_percent"), self.usage(self.pid))),
-                       "metrics_address": self.health.address if self.health else None},
-            "target_workers": self.target,
-            "listeners": self.listeners.describe(),
-            "generations": [g.describe(self.usage) for g in self.generations if g.alive],
-            "last_operation": self.last_operation,
-            "operation": self.operation.name if self.operation else None,
-            "crashes": self.recovery.crashes,
-        }
-        self.usage.keep_only({self.pid} | {w["pid"] for g in status["generations"] for w in g["workers"]})
-        return status
+        return status_report.status(self)
 
     def status_line(self) -> str:
-        serving = self.serving
-        ready = serving.snapshot.get("ready", 0) if serving else 0
-        last = self.last_operation["outcome"] if self.last_operation else "none"
-        return (f"STATUS=generation {serving.id if serving else '-'}, {ready}/{self.target} workers "
-                f"ready, last operation: {last}")
+        return status_report.status_line(self)
 
     def notify(self, *lines: str) -> None:
         """sd_notify, from the environment we started with (generations do not inherit it)."""

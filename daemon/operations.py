@@ -169,9 +169,9 @@ class Shutdown(Operation):
         daemon.begin_shutdown()
         for generation in [g for g in daemon.generations if g.alive]:
             if self.quick:
-                daemon.stop_generation(generation, hard_after=grace)
+                daemon.generations.stop(generation, hard_after=grace)
             else:
-                daemon.drain_generation(generation, sweep=True, hard_after=grace + 1.0, timeout=grace)
+                daemon.generations.drain(generation, sweep=True, hard_after=grace + 1.0, timeout=grace)
         self.progress("stopping" if self.quick else "draining", timeout=grace)
         self.maybe_done()
 

@@ -25,7 +25,7 @@ class CrashRecovery:
     def crashed(self, generation, how: str, wall_time: float) -> None:
         """A serving generation died, or one that recovery started failed to boot."""
         daemon = self.daemon
-        if daemon.serving is not None or daemon.starting:
+        if daemon.serving is not None or daemon.generations.starting:
             return
         lived = daemon.clock() - (generation.ready_at or generation.started_mono)
         if lived > STABLE_AFTER and generation.state == GenerationState.EXITED:
@@ -52,7 +52,7 @@ class CrashRecovery:
         if not self._needed():
             return
         try:
-            self.daemon.start_generation()
+            self.daemon.generations.start()
         except OSError as exc:
             self.daemon.log.error("recovery_failed", error=str(exc))
             self.timer = self.daemon.loop.call_later(CRASH_BACKOFF_MAX, self.recover)
@@ -63,5 +63,5 @@ class CrashRecovery:
 
     def _needed(self) -> bool:
         daemon = self.daemon
-        return (daemon.serving is None and not daemon.starting and daemon.operation is None
+        return (daemon.serving is None and not daemon.generations.starting and daemon.operation is None
                 and daemon.accepts_recovery())

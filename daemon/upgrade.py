@@ -42,7 +42,7 @@ class Rollout:
         self.step = min(daemon.cfg.max_surge or daemon.target, daemon.target) if self.shrinking else daemon.target
         self.new_target = self.step
         try:
-            self.new = daemon.start_generation(extra_env=self.extra_env, target=self.step)
+            self.new = daemon.generations.start(extra_env=self.extra_env, target=self.step)
         except OSError as exc:
             self.owner.rolled_back(str(exc), "")
             return
@@ -91,11 +91,11 @@ class Rollout:
         self.new.send({KIND: ToMaster.SCALE, "target": self.new_target})
 
     def cut_over(self) -> None:
-        self.daemon.promote(self.new)
+        self.daemon.generations.promote(self.new)
         self.phase = Phase.DRAINING
         self.last_progress = 0.0
         for generation in self.old:
-            self.daemon.drain_generation(generation, sweep=False)
+            self.daemon.generations.drain(generation, sweep=False)
         self.owner.progress("ready", generation=self.new.id, workers=self.daemon.target)
         self.maybe_done()
 
@@ -143,7 +143,7 @@ class Rollout:
         self.owner.log.error("rolling_back", reason=reason)
         self.owner.progress("rolling_back", generation=self.new.id, reason=reason)
         self.new.rolled_back = True
-        self.daemon.drain_generation(self.new, sweep=False, hard_after=min(5.0, self.daemon.cfg.graceful_timeout))
+        self.daemon.generations.drain(self.new, sweep=False, hard_after=min(5.0, self.daemon.cfg.graceful_timeout))
 
 
 class Upgrade(Operation):

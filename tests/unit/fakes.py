@@ -79,7 +79,7 @@ def make_daemon(flags: dict | None = None) -> Daemon:
 
 def post(daemon: Daemon, generation, kind: ToDaemon, **fields) -> None:
     """What generation's master would send."""
-    daemon.on_generation_message(generation, {KIND: kind, **fields})
+    daemon.generations.on_message(generation, {KIND: kind, **fields})
 
 
 def sent(generation) -> list[dict]:

@@ -36,7 +36,7 @@ def test_reload_replaces_workers_in_place_and_keeps_the_new_config(tmp_path):
     assert sent(first)[1]["settings"]["timeout"] == 45
     post(daemon, first, ToDaemon.RELOADED, ok=True)
     assert responder.result["outcome"] == "done" and "timeout" in responder.result["changed"]
-    assert daemon.target == 3 and daemon.cfg.timeout == 45 and daemon.generations == [first]
+    assert daemon.target == 3 and daemon.cfg.timeout == 45 and daemon.generations.all == [first]
 
 
 def test_a_failed_reload_keeps_the_previous_config(tmp_path):
@@ -66,7 +66,7 @@ def test_new_listeners_go_through_a_new_generation_and_old_ones_close_after(tmp_
     assert new.spawned_with["environment"]["APPD_FDS"] == str(list(daemon.listeners)[0].fd)
     assert old_listener.fd >= 0, "the old listener stays open until the new generation serves"
     ready(daemon, new)
-    daemon.on_generation_exit(first, "exit 0")
+    daemon.generations.exited(first, "exit 0")
     assert responder.result["outcome"] == "done" and "listeners changed: applied with a new generation" in \
         responder.result["notes"]
     assert daemon.last_operation["op"] == "reload" and daemon.listeners.specs_for(daemon.cfg) == [f"unix:{socket_path}"]
@@ -83,7 +83,7 @@ def test_new_listeners_are_closed_again_when_the_new_generation_fails(tmp_path):
     assert socket_path.exists()
     new = daemon.generations[-1]
     post(daemon, new, ToDaemon.BOOT_FAILED, reason="boom")
-    daemon.on_generation_exit(new, "exit 1")
+    daemon.generations.exited(new, "exit 1")
     assert responder.error["code"] == codes.ROLLED_BACK and "reload rolled back" in responder.error["message"]
     assert not socket_path.exists() and len(daemon.listeners) == 0 and daemon.cfg.bind != [f"unix:{socket_path}"]
     assert daemon.serving is first
@@ -114,7 +114,7 @@ def test_drain_sweeps_every_generation_then_the_daemon_exits_0():
     daemon.begin(Shutdown(daemon, responder, {}))
     assert sent(first)[-1]["t"] == ToMaster.DRAIN and sent(first)[-1]["sweep"] is True
     assert daemon.state == DaemonState.STOPPING and daemon.exit_code is None
-    daemon.on_generation_exit(first, "exit 0")
+    daemon.generations.exited(first, "exit 0")
     assert responder.result["outcome"] == "drained" and daemon.exit_code == 0
     assert daemon.generations[-1].state == GenerationState.EXITED
 
@@ -128,13 +128,13 @@ def test_drain_delay_reports_not_ready_first_and_stop_takes_over():
     assert daemon.begin(Stop(daemon, stop, {}))
     assert drain.error["code"] == codes.FAILED and "stop took over" in drain.error["message"]
     assert sent(first)[-1]["t"] == ToMaster.STOP
-    daemon.on_generation_exit(first, "exit 0")
+    daemon.generations.exited(first, "exit 0")
     assert stop.result["outcome"] == "stopped" and daemon.exit_code == 0
 
 
 def test_a_serving_generation_that_dies_is_replaced_with_backoff_when_it_keeps_dying():
     daemon, first = serving_daemon()
-    daemon.on_generation_exit(first, "killed by SIGKILL")
+    daemon.generations.exited(first, "killed by SIGKILL")
     assert daemon.recovery.backoff() == 0.0
     daemon.loop.run_once(0)
     second = daemon.generations[-1]
@@ -143,7 +143,7 @@ def test_a_serving_generation_that_dies_is_replaced_with_backoff_when_it_keeps_d
     assert daemon.serving is second, "recovered"
     for crash in range(3):
         generation = daemon.serving or daemon.generations[-1]
-        daemon.on_generation_exit(generation, "exit 1")
+        daemon.generations.exited(generation, "exit 1")
         daemon.recovery.recover()  # what its timer does, without waiting for the backoff
     assert daemon.state == DaemonState.CRASHLOOPING and len(daemon.recovery.crashes) == 4
     assert 0 < daemon.recovery.backoff() <= CRASH_BACKOFF_MAX
@@ -153,18 +153,18 @@ def test_a_serving_generation_that_dies_is_replaced_with_backoff_when_it_keeps_d
 
 def test_a_long_lived_generation_starts_the_crash_count_afresh():
     daemon, first = serving_daemon()
-    daemon.on_generation_exit(first, "exit 1")
+    daemon.generations.exited(first, "exit 1")
     daemon.loop.run_once(0)
     second = daemon.generations[-1]
     ready(daemon, second)
     daemon.env.now += 60  # served a minute: not a crash loop
-    daemon.on_generation_exit(second, "exit 1")
+    daemon.generations.exited(second, "exit 1")
     assert len(daemon.recovery.crashes) == 1 and daemon.state == DaemonState.RUNNING
 
 
 def test_nothing_is_recovered_while_stopping():
     daemon, first = serving_daemon()
     daemon.begin(Stop(daemon, Recorder(), {}))
-    daemon.on_generation_exit(first, "exit 0")
+    daemon.generations.exited(first, "exit 0")
     daemon.loop.run_once(0)
     assert len(daemon.generations) == 1 and (first.id, signal.SIGKILL) not in daemon.env.killed

@@ -28,7 +28,7 @@ def test_upgrade_cuts_over_when_the_new_generation_is_ready_then_drains_the_old(
     assert daemon.serving is new and old.state == GenerationState.DRAINING
     assert sent(old)[-1]["t"] == ToMaster.DRAIN and sent(old)[-1]["sweep"] is False
     assert responder.result is None, "done only when the old generation is gone"
-    daemon.on_generation_exit(old, "exit 0")
+    daemon.generations.exited(old, "exit 0")
     assert responder.result["outcome"] == "done" and responder.result["generation"] == new.id
     assert daemon.operation is None and daemon.last_operation["op"] == "upgrade"
     assert daemon.generation_env == {"RELEASE": "2"}, "recovery and the next upgrade keep --env"
@@ -39,7 +39,7 @@ def test_a_boot_failure_rolls_back_and_leaves_the_old_generation_untouched():
     responder, new = upgrade(daemon)
     post(daemon, new, ToDaemon.BOOT_FAILED, reason="ImportError: no module x", output="Traceback...")
     assert new.rolled_back and kinds(new)[-1] == ToMaster.DRAIN
-    daemon.on_generation_exit(new, "exit 1")
+    daemon.generations.exited(new, "exit 1")
     assert responder.error["code"] == codes.ROLLED_BACK
     assert "no module x" in responder.error["message"] and responder.error["output"] == "Traceback..."
     assert daemon.serving is old and kinds(old) == [] and new.state == GenerationState.FAILED
@@ -50,7 +50,7 @@ def test_a_boot_failure_rolls_back_and_leaves_the_old_generation_untouched():
 def test_a_new_generation_that_exits_while_booting_is_rolled_back():
     daemon, old = serving_daemon()
     responder, new = upgrade(daemon)
-    daemon.on_generation_exit(new, "killed by SIGSEGV")
+    daemon.generations.exited(new, "killed by SIGSEGV")
     assert responder.error["code"] == codes.ROLLED_BACK and "SIGSEGV" in responder.error["reason"]
     assert daemon.serving is old
 
@@ -62,7 +62,7 @@ def test_boot_timeout_rolls_back_on_the_clock():
     assert not new.rolled_back
     tick(daemon, 2)
     assert new.rolled_back and "boot_timeout" in responder.events[-1][1]["reason"]
-    daemon.on_generation_exit(new, "exit 0")
+    daemon.generations.exited(new, "exit 0")
     assert responder.error["code"] == codes.ROLLED_BACK and daemon.serving is old
 
 
@@ -75,7 +75,7 @@ def test_max_surge_replaces_step_by_step_and_a_failure_regrows_the_old():
     assert sent(old)[-1] == {"t": ToMaster.SCALE, "target": 2}, "the old one gives up a step"
     workers(daemon, old, 2)
     assert sent(new)[-1] == {"t": ToMaster.SCALE, "target": 4}, "the new one takes it"
-    daemon.on_generation_exit(new, "exit 1")
+    daemon.generations.exited(new, "exit 1")
     assert sent(old)[-1] == {"t": ToMaster.SCALE, "target": 4}, "rollback leaves the old one whole"
     assert responder.error["code"] == codes.ROLLED_BACK and daemon.serving is old
 
@@ -94,11 +94,11 @@ def test_a_death_after_cutover_fails_the_upgrade_and_recovery_starts_a_generatio
     daemon, old = serving_daemon()
     responder, new = upgrade(daemon)
     ready(daemon, new)
-    daemon.on_generation_exit(new, "killed by SIGKILL")
+    daemon.generations.exited(new, "killed by SIGKILL")
     assert responder.error["code"] == codes.FAILED and "after cutover" in responder.error["message"]
-    daemon.on_generation_exit(old, "exit 0")
+    daemon.generations.exited(old, "exit 0")
     daemon.loop.run_once(0)  # recovery's timer (no backoff for a first crash)
-    assert daemon.generations[-1].id == new.id + 1 and daemon.starting
+    assert daemon.generations[-1].id == new.id + 1 and daemon.generations.starting
 
 
 def test_a_second_changing_operation_is_refused_busy():
