@@ -206,15 +206,19 @@ class Daemon:
         if self.cfg.statsd_host:
             from .statsd import StatsdSink
             self.statsd = StatsdSink(self, self.cfg.statsd_host, self.cfg.statsd_prefix)
-        if not self.cfg.metrics_bind:
-            return
-        from .health_server import HealthServer
         try:
-            self.health = HealthServer(self, self.cfg.metrics_bind)
+            self.health = self.open_metrics_listener(self.cfg.metrics_bind)
         except OSError as exc:
             if not self.reexecuted:
                 raise config.ConfigError(f"metrics_bind {self.cfg.metrics_bind}: {exc.strerror or exc}") from exc
             self.log.error("metrics_listener_failed", metrics_bind=self.cfg.metrics_bind, error=str(exc))
+
+    def open_metrics_listener(self, spec: str | None):
+        """The metrics_bind server (/metrics, /livez, /readyz) on `spec`, or None."""
+        if not spec:
+            return None
+        from .health_server import HealthServer
+        return HealthServer(self, spec)
 
     def exit(self, code: int) -> None:
         if self.exit_code is None:

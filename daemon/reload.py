@@ -20,6 +20,7 @@ class Reload(Operation):
 
     name = "reload"
     reloads_service = True
+    metrics_moved = False  # metrics_bind changed: a new metrics listener waits for the reload's end
 
     def start(self) -> None:
         daemon = self.daemon
@@ -34,6 +35,8 @@ class Reload(Operation):
         self.new_target = new_cfg.workers if new_cfg.workers != daemon.cfg.workers else daemon.target
         self.notes = self.notes_for(new_cfg)
         self.rollout = self.listener_change = None
+        if not self.open_metrics_listener():
+            return
         if daemon.listeners.differ(new_cfg, daemon.cfg) or daemon.serving is None:
             self.apply_through_new_generation()
         else:
@@ -51,6 +54,41 @@ class Reload(Operation):
             notes.append("preload_app is on: workers were re-forked from the code the master "
                          "loaded; run `appdctl upgrade` to load new code")
         return notes
+
+    # --- metrics_bind: the daemon's own listener ---
+
+    def open_metrics_listener(self) -> bool:
+        """A changed metrics_bind is bound now, beside the old one (a failure changes
+        nothing); the reload's end keeps one of the two."""
+        self.new_health, self.metrics_moved = None, self.new_cfg.metrics_bind != self.previous_cfg.metrics_bind
+        if not self.metrics_moved:
+            return True
+        try:
+            self.new_health = self.daemon.open_metrics_listener(self.new_cfg.metrics_bind)
+        except OSError as exc:
+            self.metrics_moved = False
+            self.fail(protocol.FAILED, f"config not reloaded, nothing changed: metrics_bind "
+                      f"{self.new_cfg.metrics_bind}: {exc.strerror or exc}")
+            return False
+        return True
+
+    def settle_metrics_listener(self, ok: bool) -> None:
+        if not self.metrics_moved:
+            return
+        self.metrics_moved = False
+        closing = self.daemon.health if ok else self.new_health
+        if ok:
+            self.daemon.health = self.new_health
+        if closing is not None:
+            closing.shutdown()
+
+    def succeed(self, outcome: str = "done", **result) -> None:
+        self.settle_metrics_listener(True)
+        super().succeed(outcome, **result)
+
+    def fail(self, code: str, message: str, **extra) -> None:
+        self.settle_metrics_listener(False)
+        super().fail(code, message, **extra)
 
     # --- in place: the serving master replaces its workers ---
 

@@ -192,14 +192,14 @@ def test_exceptions_in_commands_operations_signals_timers_and_messages_leave_it_
 
             def _broken_timer(self, group=None):
                 raise LookupError('timer broke')
-            Daemon.kill_stragglers = _broken_timer  # runs from a timer after a generation exits
+            Generations.kill_stragglers = _broken_timer  # runs from a timer after a generation exits
 
-            _handle = Daemon.handle_generation_message
+            _handle = Generations.handle_message
             def _broken_message(self, generation, message):
                 _handle(self, generation, message)
                 if message.get("t") == "workers":
                     raise ValueError('message broke')
-            Daemon.handle_generation_message = _broken_message
+            Generations.handle_message = _broken_message
             """))
     appd = start_appd("-w", "1", "--graceful-timeout", "1", env={"PYTHONPATH": str(pkg)})
     with pytest.raises(CommandError) as raised:

@@ -168,3 +168,42 @@ def test_nothing_is_recovered_while_stopping():
     daemon.generations.exited(first, "exit 0")
     daemon.loop.run_once(0)
     assert len(daemon.generations) == 1 and (first.id, signal.SIGKILL) not in daemon.env.killed
+
+
+def test_a_new_metrics_bind_is_applied_by_reload_and_the_old_one_closed(tmp_path):
+    daemon, first = serving_daemon(config_file(tmp_path, 'metrics_bind = "127.0.0.1:0"\n'))
+    daemon.start_side_servers()
+    old = daemon.health
+    old_address = old.address
+    (tmp_path / "appd.toml").write_text('metrics_bind = "[::1]:0"\n' if _has_ipv6() else 'metrics_bind = "127.0.0.2:0"\n')
+    responder = reload(daemon)
+    assert daemon.health is old, "the old one serves until the reload's end"
+    post(daemon, first, ToDaemon.RELOADED, ok=True)
+    assert responder.result["outcome"] == "done" and "metrics_bind" in responder.result["changed"]
+    assert daemon.health is not old and daemon.health.address != old_address and old.sock.fileno() == -1
+    daemon.health.shutdown()
+
+
+def test_a_metrics_bind_that_cannot_be_bound_changes_nothing(tmp_path):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    daemon, first = serving_daemon(config_file(tmp_path, "timeout = 30\n"))
+    (tmp_path / "appd.toml").write_text(f'timeout = 40\nmetrics_bind = "127.0.0.1:{taken.getsockname()[1]}"\n')
+    try:
+        responder = reload(daemon)
+    finally:
+        taken.close()
+    assert responder.error["code"] == codes.FAILED and "metrics_bind" in responder.error["message"]
+    assert daemon.health is None and daemon.cfg.timeout == 30 and kinds(first) == []
+
+
+def _has_ipv6() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
