@@ -38,8 +38,9 @@ class ListenerSet:
     @classmethod
     def adopt(cls, entries: list[dict], log) -> "ListenerSet":
         """The listeners a previous daemon image left open (re-exec in place)."""
-        return cls([Listener(e["name"], _adopt_socket(e["fd"]), e["spec"], e.get("owned", e["spec"].startswith("unix:")))
-                    for e in entries], log)
+        # "owned" is absent from states of images older than it: then unix listeners were ours
+        return cls([Listener(e["name"], _adopt_socket(e["fd"]), e["spec"],
+                             e.get("owned", e["spec"].startswith("unix:"))) for e in entries], log)
 
     def export_state(self) -> list[dict]:
         return [{"fd": l.fd, "name": l.name, "spec": l.spec, "owned": l.owned} for l in self.listeners]

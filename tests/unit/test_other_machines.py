@@ -175,7 +175,8 @@ def test_a_new_metrics_bind_is_applied_by_reload_and_the_old_one_closed(tmp_path
     daemon.start_side_servers()
     old = daemon.health
     old_address = old.address
-    (tmp_path / "appd.toml").write_text('metrics_bind = "[::1]:0"\n' if _has_ipv6() else 'metrics_bind = "127.0.0.2:0"\n')
+    elsewhere = "[::1]:0" if _has_ipv6() else "127.0.0.2:0"
+    (tmp_path / "appd.toml").write_text(f'metrics_bind = "{elsewhere}"\n')
     responder = reload(daemon)
     assert daemon.health is old, "the old one serves until the reload's end"
     post(daemon, first, ToDaemon.RELOADED, ok=True)
