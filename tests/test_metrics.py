@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import APPDCTL, http_get, wait_until
 from test_drain import SLOW_APP, drain, in_background, start_slow_app
-from test_keepalive import GTHREAD, IDLE, clients, kept_alive  # noqa: F401  (clients: a fixture)
 
 
 def metrics_address(appd) -> str:
@@ -212,17 +211,6 @@ def test_worker_exits_by_cause_in_metrics_and_status(start_appd, tmp_path):
     reasons = {r["pid"]: r["reason"] for g in appd.status()["generations"] for r in g["replaced"]}
     assert reasons[first] == "retire" and reasons[second] == "crash", reasons
     assert sorted(reasons.values()) == ["crash", "retire", "timeout"], reasons
-
-
-def test_handed_off_connections_are_counted(start_appd, clients):
-    appd = start_appd(*GTHREAD, "-w", "1", *IDLE, "--metrics-bind", "127.0.0.1:0")
-    conns = clients(appd.address, 3)
-    assert all(kept_alive(r) for r in conns.ask_all())
-    assert appd.ctl("upgrade", "--env", "APP_VERSION=v2").returncode == 0
-    assert all(kept_alive(r) and b"v2 gen 2" in r for r in conns.ask_all())
-    wait_until(lambda: total(scrape(appd), "appd_handed_off_connections_total") >= 3, 20,
-               message="the three handed-off connections counted")
-    assert total(scrape(appd), "appd_requests_total", method="HANDOFF") == 0  # not requests
 
 
 def probe_during(address: str, paths, stop: threading.Event, answers: list) -> None:
