@@ -254,7 +254,8 @@ def test_metrics_and_readyz_answer_200_throughout_an_upgrade_and_top_shows_it(st
     """A generation serves the whole time: the new one imports for 2 s before it is ready.
     Meanwhile `appdctl top` on a terminal redraws in place with the upgrade's progress."""
     (tmp_path / "slowboot.py").write_text("import os, time\nif os.environ.get('SLOW_BOOT'):\n"
-                                          "    time.sleep(2)\n" + SLOW_APP)
+                                          "    time.sleep(2)\nif os.environ.get('BROKEN'):\n"
+                                          "    raise RuntimeError('broken release')\n" + SLOW_APP)
     marks = tmp_path / "marks"
     marks.mkdir()
     appd = start_appd("--chdir", str(tmp_path), "-w", "1", "--metrics-bind", "127.0.0.1:0", "slowboot:app",
@@ -276,6 +277,13 @@ def test_metrics_and_readyz_answer_200_throughout_an_upgrade_and_top_shows_it(st
     assert len(views) >= 3 and views[0] == "", screen[:500]
     assert any("operation: upgrade (gen 1 serving 1/1 ready, gen 2 starting 0/1 ready)" in view
                for view in views), screen
+    # a broken release: counted as a rolled-back generation and operation
+    assert appd.ctl("upgrade", "--env", "BROKEN=1").returncode == 1
+    wait_until(lambda: total(scrape(appd), "appd_generations_total", event="rolled_back") == 1, 20,
+               message="the rolled-back generation counted")
+    samples = scrape(appd)
+    assert total(samples, "appd_operations_total", kind="upgrade", outcome="rolled_back") == 1
+    assert samples[("appd_last_operation_ok", frozenset({("kind", "upgrade"), ("outcome", "rolled_back")}))] == 0
 
 
 @pytest.mark.xfail(strict=False, reason="reload does not yet rebind metrics_bind (daemon side, issue 12's i12a)")
