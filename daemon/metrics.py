@@ -50,9 +50,7 @@ class WorkerCounts:
         method = method if method in _METHODS else "OTHER"
         key = f"{listener}|{method}|{(status or '0')[:1]}xx"
         with self.lock:
-            entry = self.pending.get(key)
-            if entry is None:
-                entry = self.pending[key] = _empty()
+            entry = self._entry(key)
             entry[0] += 1
             entry[1] += sent
             entry[2] += duration
@@ -60,12 +58,15 @@ class WorkerCounts:
 
     def handed_off(self, listener: str) -> None:
         """One connection taken from the handoff channel (not a request: no duration)."""
-        key = f"{listener}|{HANDOFF}|-"
         with self.lock:
-            entry = self.pending.get(key)
-            if entry is None:
-                entry = self.pending[key] = _empty()
-            entry[0] += 1
+            self._entry(f"{listener}|{HANDOFF}|-")[0] += 1
+
+    def _entry(self, key: str) -> list:
+        """(with the lock held)"""
+        entry = self.pending.get(key)
+        if entry is None:
+            entry = self.pending[key] = _empty()
+        return entry
 
     def take(self) -> str | None:
         """The deltas as JSON (for the heartbeat datagram), then start afresh; None if nothing."""
