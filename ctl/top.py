@@ -34,7 +34,7 @@ def render(status: dict, previous: dict, now: float) -> str:
     daemon = status["daemon"]
     lines = [f"appd {daemon['version']}  pid {daemon['pid']}  {daemon.get('state', '')}  "
              f"rss {daemon.get('rss_bytes', 0) / 1048576:.1f}M  cpu {daemon.get('cpu_percent') or 0:.0f}%  "
-             f"operation: {status.get('operation') or '-'}"]
+             f"operation: {progress(status)}"]
     for listener in status["listeners"]:
         backlog = f"  backlog {listener['queued']}/{listener['max_queued']}" if listener.get("queued") is not None \
             else ""
@@ -49,6 +49,17 @@ def render(status: dict, previous: dict, now: float) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def progress(status: dict) -> str:
+    """The running operation and how far it got, read off the generations: each
+    one's state and ready workers against the target."""
+    if not status.get("operation"):
+        return "-"
+    target = status.get("target_workers")
+    steps = [f"gen {g['id']} {g['state']} {g.get('ready_workers', 0)}/{target} ready"
+             for g in status["generations"]]
+    return f"{status['operation']} ({', '.join(steps)})" if steps else status["operation"]
 
 
 def _rate(worker: dict, previous: dict, now: float) -> str:

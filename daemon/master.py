@@ -28,7 +28,7 @@ from . import log, proc, process_setup
 from .channel import Channel
 from .loop import Loop
 from .messages import KIND, SERVE, ToDaemon, ToMaster, kind_of
-from .recycle import Recycler
+from .recycle import REPLACED_CAUSES, Recycler
 from .worker_handle import WorkerHandle
 from .workers import worker_class
 
@@ -174,11 +174,17 @@ class Master:
             handle.close()
             metrics.merge(self.unreported_metrics, handle.unreported)
             if handle.ready:
-                self.unreported_exits.append(metrics.exit_cause(handle.stop_cause, handle.forced, status == 0))
+                self.count_exit(handle, metrics.exit_cause(handle.stop_cause, handle.forced, status == 0))
             self.dirty = True
             handle.exit_status = status
             self.gunicorn_hook("child_exit", hooks.HandleView(handle, self.server.log))
             self.on_worker_exit(handle, proc.describe_exit(status))
+
+    def count_exit(self, handle: WorkerHandle, cause: str) -> None:
+        """The worker exits metric, and status' list of why workers were replaced."""
+        self.unreported_exits.append(cause)
+        if cause in REPLACED_CAUSES:
+            self.recycler.record(handle.pid, cause)
 
     def murder_workers(self) -> None:
         """Kill workers that stopped answering: hung, stuck booting, or slow to stop."""
@@ -368,6 +374,7 @@ class Master:
         for handle in self.workers.values():
             if handle.stop_sent_at is None:
                 handle.outgoing = True
+                handle.stop_cause = "reload"
         self.dirty = True
         self.log.info("reload_started", workers=self.target)
         self.gunicorn_hook("on_reload")
@@ -383,6 +390,7 @@ class Master:
         for handle in self.workers.values():
             if handle.outgoing:
                 handle.outgoing = False
+                handle.stop_cause = None
             elif handle.stop_sent_at is None:
                 handle.stop(self.worker_cls.QUICK_SIGNAL, 2.0)
         self.finish_reload(ok=False, reason=reason, output=output)
@@ -397,6 +405,7 @@ class Master:
         handle, reason = chosen
         self.log.info("worker_recycled", worker=handle.pid, reason=reason)
         self.recycler.record(handle.pid, reason)
+        handle.stop_cause = self.recycler.cause(reason)
         handle.outgoing = True
         self.dirty = True
 

@@ -17,6 +17,9 @@ import threading
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "WEBSOCKET"}
 WORKER_STATES = ("booting", "idle", "busy", "stopping")
+# Connections a worker took from the handoff channel travel in the same deltas, under
+# this pseudo-method (never a client's: an unknown method is counted as OTHER).
+HANDOFF = "HANDOFF"
 
 
 def _bucket(duration: float) -> int:
@@ -47,13 +50,23 @@ class WorkerCounts:
         method = method if method in _METHODS else "OTHER"
         key = f"{listener}|{method}|{(status or '0')[:1]}xx"
         with self.lock:
-            entry = self.pending.get(key)
-            if entry is None:
-                entry = self.pending[key] = _empty()
+            entry = self._entry(key)
             entry[0] += 1
             entry[1] += sent
             entry[2] += duration
             entry[3 + _bucket(duration)] += 1
+
+    def handed_off(self, listener: str) -> None:
+        """One connection taken from the handoff channel (not a request: no duration)."""
+        with self.lock:
+            self._entry(f"{listener}|{HANDOFF}|-")[0] += 1
+
+    def _entry(self, key: str) -> list:
+        """(with the lock held)"""
+        entry = self.pending.get(key)
+        if entry is None:
+            entry = self.pending[key] = _empty()
+        return entry
 
     def take(self) -> str | None:
         """The deltas as JSON (for the heartbeat datagram), then start afresh; None if nothing."""
@@ -150,9 +163,14 @@ class Collector:
         sent = CounterMetricFamily("appd_response_bytes", "response bytes sent", labels=["listener"])
         duration = HistogramMetricFamily("appd_request_duration_seconds", "request duration",
                                          labels=["listener"])
+        handed = CounterMetricFamily("appd_handed_off_connections", "idle kept-alive connections a "
+                                     "stopping worker handed on and a serving worker took", labels=["listener"])
         per_listener: dict[str, list] = {}
         for key, entry in sorted(metrics.requests.items()):
             listener, method, status = key.split("|")
+            if method == HANDOFF:
+                handed.add_metric([listener], entry[0])
+                continue
             requests.add_metric([listener, method, status], entry[0])
             merged = per_listener.setdefault(listener, _empty())
             for index, value in enumerate(entry):
@@ -160,7 +178,7 @@ class Collector:
         for listener, entry in per_listener.items():
             sent.add_metric([listener], entry[1])
             duration.add_metric([listener], _histogram_buckets(entry), entry[2])
-        yield from (requests, sent, duration)
+        yield from (requests, sent, duration, handed)
 
     @staticmethod
     def event_families(metrics: MetricsState):

@@ -13,6 +13,9 @@ import psutil
 
 CHECK_EVERY = 1.0   # seconds between RSS samples: psutil reads /proc, cheap but not free
 REMEMBERED = 10     # replacements kept for status
+# Exit causes that mean a worker was replaced (status lists them with memory/lifetime):
+# not scale (no successor), not a whole generation or reload (every worker goes).
+REPLACED_CAUSES = ("retire", "timeout", "crash", "max_requests")
 
 
 class Recycler:
@@ -55,6 +58,11 @@ class Recycler:
             if rss > self.memory:
                 return f"max_worker_memory (rss {rss} > {self.memory} bytes)"
         return None
+
+    @staticmethod
+    def cause(reason: str) -> str:
+        """The worker exits metric's cause for a reason given by reason()."""
+        return "memory" if reason.startswith("max_worker_memory") else "lifetime"
 
     def record(self, pid: int, reason: str) -> None:
         self.lifetimes.pop(pid, None)

@@ -99,8 +99,9 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def running_proxy(name: str, directory: Path, upstream: str):
-    """`name` (nginx or haproxy) on a free loopback port, in front of `upstream`."""
+def running_proxy(name: str, directory: Path, upstream, make_config=None):
+    """`name` (nginx or haproxy) on a free loopback port, in front of `upstream`
+    (make_config(scratch, port, upstream) -> text: another configuration than ours)."""
     binary = find(name)
     if binary is None:
         raise FileNotFoundError(f"{name} is not installed")
@@ -108,7 +109,7 @@ def running_proxy(name: str, directory: Path, upstream: str):
     scratch.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = scratch / f"{name}.conf"
-    make = nginx_config if name == "nginx" else haproxy_config
+    make = make_config or (nginx_config if name == "nginx" else haproxy_config)
     config.write_text(make(scratch, port, upstream))
     log = scratch / "output.log"
     with open(log, "wb") as out:

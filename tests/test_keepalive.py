@@ -14,6 +14,7 @@ import pytest
 
 from conftest import wait_until
 from loadgen import KeepAliveLoad
+from test_metrics import scrape, total
 from test_worker_kinds import _connect as connect, _read_response as read_response
 
 GTHREAD = ("keepalive_app:app", "--worker-class", "gthread", "--threads", "2")
@@ -70,7 +71,7 @@ def clients():
 
 
 def test_upgrade_hands_idle_connections_to_the_new_code(start_appd, clients):
-    appd = start_appd(*GTHREAD, "-w", "2", *IDLE)
+    appd = start_appd(*GTHREAD, "-w", "2", *IDLE, "--metrics-bind", "127.0.0.1:0")
     conns = clients(appd.address, 4)
     assert all(b"v1 gen 1" in r and kept_alive(r) for r in conns.ask_all())
     started = time.monotonic()
@@ -82,6 +83,10 @@ def test_upgrade_hands_idle_connections_to_the_new_code(start_appd, clients):
     # A sibling not yet told to stop may take some and hand them on again: at least 4.
     handed = re.findall(r"worker_stopped .*generation=1 handed_on=(\d+)", appd.log())
     assert len(handed) == 2 and sum(map(int, handed)) >= 4, appd.log()
+    # and counted by the metrics (as connections, not as requests)
+    wait_until(lambda: total(scrape(appd), "appd_handed_off_connections_total") >= 4, 20,
+               message="the handed-off connections counted")
+    assert total(scrape(appd), "appd_requests_total", method="HANDOFF") == 0
 
 
 def test_the_channel_outlives_a_daemon_reexec(start_appd, clients):

@@ -9,6 +9,7 @@ import threading
 
 from conftest import APPDCTL, wait_until
 from loadgen import Load
+from test_metrics import scrape, total
 from test_upgrade import start_myapp, write_app
 
 
@@ -134,7 +135,8 @@ def replaced(appd) -> list[dict]:
 
 def test_max_worker_lifetime_replaces_workers_successor_first(start_appd, tmp_path):
     write_app(tmp_path, '"v1"')
-    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--max-worker-lifetime", "2")
+    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--max-worker-lifetime", "2",
+                       "--metrics-bind", "127.0.0.1:0")
     first = {w["pid"] for w in appd.serving_generation()["workers"]}
     with Load(appd.address, threads=4) as load:
         done = wait_until(lambda: len(replaced(appd)) >= 2 and replaced(appd), 30,
@@ -143,14 +145,19 @@ def test_max_worker_lifetime_replaces_workers_successor_first(start_appd, tmp_pa
     assert not load.failures, load.report()
     assert {r["pid"] for r in done[:2]} == first, done
     assert all(r["reason"].startswith("max_worker_lifetime") for r in done), done
+    wait_until(lambda: total(scrape(appd), "appd_worker_exits_total", cause="lifetime") >= 2, 20,
+               message="the worker exits counted under cause lifetime")
     assert appd.wait_ready()["target_workers"] == 2
 
 
 def test_max_worker_memory_replaces_a_worker_over_the_limit(start_appd, tmp_path):
     write_app(tmp_path, '"v1"')
-    appd = start_myapp(start_appd, tmp_path, "-w", "1", "--max-worker-memory", "1K")
+    appd = start_myapp(start_appd, tmp_path, "-w", "1", "--max-worker-memory", "1K",
+                       "--metrics-bind", "127.0.0.1:0")
     done = wait_until(lambda: replaced(appd), 20, message="a worker replaced for its memory")
     assert done[0]["reason"].startswith("max_worker_memory (rss "), done
+    wait_until(lambda: total(scrape(appd), "appd_worker_exits_total", cause="memory") >= 1, 20,
+               message="the worker exit counted under cause memory")
     assert appd.get("/")[2] == b"v1\n"  # a successor serves
     human = appd.ctl("status").stdout
     assert f"worker {done[0]['pid']}: max_worker_memory" in human, human

@@ -191,6 +191,8 @@ class AsgiWorker(Worker):
                 handed.sock.close()
                 continue
             address, name = self.listener_named(handed.listener)
+            if self.counts is not None:
+                self.counts.handed_off(f"{address[0]}:{address[1]}" if address else name)
             self.connect(handed.sock, peer, address, name, carried=handed.data)
 
     def listener_named(self, name: str) -> tuple:

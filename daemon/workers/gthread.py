@@ -132,6 +132,8 @@ class ThreadWorker(Worker):
                 handed.sock.close()
                 continue
             info, name = self.listener_info(handed.listener)
+            if self.counts is not None:
+                self.counts.handed_off(f"{info.server_name}:{info.server_port}")
             kept = Kept(handed.sock, addr, info, name, pending=handed.data)
             kept.idle_until = time.monotonic() + self.keepalive
             self.watch(kept)

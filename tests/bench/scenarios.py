@@ -17,6 +17,7 @@ from servers import BIN, AppdServer, BenchError, answering_pid, children, http_g
 
 from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
+from fleet import fleet
 from policies import policies
 from throughput import flask_throughput, gthread_throughput, hello_throughput
 from conformance_bench import conformance
@@ -329,5 +330,6 @@ SCENARIOS = {
     "conformance": (conformance, "10. HTTP/1.1 conformance corpus (cases answered as expected)"),
     "slowheads": (slow_heads, "11. slow clients: stalled request heads beside normal requests, sync and gthread"),
     "metrics": (metrics, "12. metrics: cost on vs off, counters through upgrades, /metrics and /readyz latency"),
-    "policies": (policies, "13. max_surge: peak processes and RSS during an upgrade, 8 workers"),
+    "policies": (policies, "13. drain_delay behind HAProxy; max_surge: peak workers, RSS and time of an upgrade, 8 workers"),
+    "ansible": (fleet, "14. Ansible rolling upgrade over three local hosts: time, broken-release outcome"),
 }
