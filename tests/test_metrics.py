@@ -286,7 +286,6 @@ def test_metrics_and_readyz_answer_200_throughout_an_upgrade_and_top_shows_it(st
     assert samples[("appd_last_operation_ok", frozenset({("kind", "upgrade"), ("outcome", "rolled_back")}))] == 0
 
 
-@pytest.mark.xfail(strict=False, reason="reload does not yet rebind metrics_bind (daemon side, issue 12's i12a)")
 def test_reload_moves_the_metrics_listener_to_a_new_metrics_bind(start_appd, tmp_path):
     config = tmp_path / "appd.toml"
     config.write_text('metrics_bind = "127.0.0.1:0"\nworkers = 1\n')
