@@ -39,9 +39,14 @@ run: $(STAMP)
 # systemd-analyze and systemd-socket-activate (Debian's systemd package) let
 # the unit-file and socket-activation tests run rather than skip; nginx and
 # haproxy, the tests of appd behind a load balancer.
+# Two pytest-xdist workers, each taking whole files (--dist loadfile: a module's
+# shared daemon is started once and its tests keep their order); most of a test's
+# time is waiting on daemons, so two at once fit on two cores. TEST_WORKERS=0
+# runs serially.
+TEST_WORKERS ?= 2
 test: $(STAMP) proxies
 	$(call apt_install,systemd-analyze,systemd,the systemd unit tests will skip)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # nginx-light is Debian 12's smallest nginx; later releases have only nginx.
 proxies:

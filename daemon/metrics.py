@@ -157,7 +157,7 @@ class Collector:
 
     @staticmethod
     def request_families(metrics: MetricsState):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
         requests = CounterMetricFamily("appd_requests", "HTTP requests served",
                                        labels=["listener", "method", "status"])
         sent = CounterMetricFamily("appd_response_bytes", "response bytes sent", labels=["listener"])
@@ -182,7 +182,7 @@ class Collector:
 
     @staticmethod
     def event_families(metrics: MetricsState):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
         exits = CounterMetricFamily("appd_worker_exits", "worker exits by cause", labels=["cause"])
         for cause, count in sorted(metrics.worker_exits.items()):
             exits.add_metric([cause], count)
@@ -201,7 +201,7 @@ class Collector:
 
     @staticmethod
     def live_families(status: dict):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import GaugeMetricFamily
         workers = GaugeMetricFamily("appd_workers", "workers by state and generation",
                                     labels=["state", "generation"])
         rss = GaugeMetricFamily("appd_process_resident_memory_bytes", "RSS", labels=["role", "pid"])

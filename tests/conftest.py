@@ -1,5 +1,7 @@
 """Shared harness: start a real appd, talk to it with appdctl and HTTP, and
-prove afterwards that no process it started is left behind."""
+prove afterwards that no process it started is left behind. Small shared checks
+(worker_pids, assert_healthy, reaping_orphans, free_port, keepalive_soak) are
+in tests/helpers.py."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import time
 from hypothesis import strategies as st
 
 import conformance.corpus as corpus
+from http_harness import read_until_close
 
 PAUSE = 0.004   # between pieces: long enough for a separate recv on loopback
 
@@ -101,13 +102,7 @@ def exchange(address: tuple[str, int], parts: list[bytes], timeout: float = 15.0
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # refused and closed early: what was answered is still readable
-        chunks = []
-        try:
-            while data := sock.recv(65536):
-                chunks.append(data)
-        except ConnectionResetError:
-            pass
-    return b"".join(chunks)
+        return read_until_close(sock, reset_ok=True)
 
 
 def check_valid(answer: bytes, body_length: int) -> None:

@@ -13,11 +13,12 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers import free_port
 
 from conftest import http_get, wait_until
 from loadgen import KeepAliveLoad
@@ -28,12 +29,6 @@ _SBIN = ":/usr/sbin:/sbin:/usr/local/sbin"
 
 def find(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + _SBIN)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def nginx_config(scratch: Path, port: int, upstream: str) -> str:

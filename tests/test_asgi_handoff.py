@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import wait_until
-from loadgen import KeepAliveLoad
+from helpers import keepalive_soak
 from test_keepalive import IDLE, QUICK_STOP, ask, kept_alive, pid_of
 from test_keepalive import clients  # noqa: F401  (fixture)
 from test_worker_kinds import _read_response as read_response
@@ -141,15 +141,7 @@ SOAK_SECONDS = 6.0
 
 def test_asgi_keepalive_soak_through_upgrades_and_reloads_loses_nothing(start_appd):
     appd = start_appd(*ASGI, "-w", "2", "--keepalive", "5")
-    operations = []
-    with KeepAliveLoad(appd.address, clients=16, max_seconds=SOAK_SECONDS + 60) as load:
-        end = time.monotonic() + SOAK_SECONDS
-        while time.monotonic() < end:
-            for op in ("upgrade", "reload"):
-                result = appd.ctl(op)
-                assert result.returncode == 0, result.stdout + result.stderr
-                operations.append(op)
-        load.wait_for(50)
+    operations, load = keepalive_soak(appd, SOAK_SECONDS)
     print(f"\nasgi keep-alive soak: {len(operations)} operations, {load.report()}")
     assert not load.failures, load.report()
     assert len(operations) >= 4

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import http_fuzz
 from conformance import corpus
 from conftest import running_appd
+from helpers import address_of, worker_pids
 
 CASES = corpus.load()
 # A few dozen in `make test`; `make chaos` sets thousands.
@@ -52,15 +53,6 @@ def appd(appds):
 @pytest.fixture(scope="module")
 def address(appd):
     return address_of(appd)
-
-
-def address_of(appd) -> tuple[str, int]:
-    host, _, port = appd.address.rpartition(":")
-    return host, int(port)
-
-
-def worker_pids(appd) -> list[int]:
-    return sorted(w["pid"] for w in appd.serving_generation()["workers"])
 
 
 def test_corpus_has_every_category_and_150_cases():

@@ -24,6 +24,7 @@ import pytest
 
 from appdctl import protocol
 from conftest import APPD, APPS, Appd, running_appd, wait_until
+from helpers import assert_healthy
 
 MIB = 1024 * 1024
 
@@ -93,13 +94,6 @@ def assert_error_reply(reply: dict, code: str, request_id=None) -> dict:
     assert reply["error"]["code"] == code, reply
     assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
     return reply["error"]
-
-
-def assert_healthy(appd) -> None:
-    """The daemon is alive, `status` answers, and the service serves 200."""
-    assert appd.proc.poll() is None, f"appd exited with {appd.proc.returncode}:\n{appd.log()}"
-    assert appd.status()["daemon"]["pid"] == appd.pid
-    assert appd.get("/")[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +291,7 @@ NOBODY = 65534
 @pytest.fixture
 def open_dir():
     """A directory every user can traverse (pytest's tmp dirs are 0700), removed afterwards."""
-    path = tempfile.mkdtemp(prefix="appd-ctl-")
+    path = tempfile.mkdtemp(prefix="test-ctl-")
     os.chmod(path, 0o755)
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
@@ -318,7 +312,7 @@ def as_nobody():
                              capture_output=True, text=True).stdout.strip()
     if version != str(tuple(sys.version_info[:2])):
         pytest.skip(f"system python {version} differs from the venv's; msgpack would not load")
-    links = Path(tempfile.mkdtemp(prefix="appd-nobody-"))
+    links = Path(tempfile.mkdtemp(prefix="test-nobody-"))
     os.chmod(links, 0o755)
     (links / "appdctl").symlink_to(Path(protocol.__file__).parent)
     site = str(Path(msgpack.__file__).parent.parent)

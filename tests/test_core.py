@@ -4,8 +4,6 @@ apps, logging, process titles and the pidfile."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -17,16 +15,11 @@ from collections import Counter
 import psutil
 import pytest
 
-from conftest import Background, http_get, wait_until
-
-_PR_SET_CHILD_SUBREAPER = 36
+from conftest import Background, http_get, running_appd, wait_until
+from helpers import reaping_orphans, worker_pids
 
 
 # --- helpers ---
-
-def worker_pids(appd) -> set[int]:
-    return {w["pid"] for w in appd.serving_generation()["workers"]}
-
 
 def alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie."""
@@ -62,30 +55,6 @@ def raw_exchange(address: str, payload: bytes, timeout: float = 10.0) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-@contextlib.contextmanager
-def reaping_orphans():
-    """Make this test process the subreaper for orphans, as a real init would be.
-
-    When the daemon is SIGKILLed its masters are re-parented to the nearest
-    subreaper; this container's PID 1 never reaps, so without this they would
-    stay zombies forever and "gone" could not be observed. `reap(pids)` collects
-    the ones that have exited."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-    def reap(pids):
-        for pid in pids:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-    try:
-        yield reap
-    finally:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def has_ipv6_loopback() -> bool:
@@ -326,8 +295,16 @@ def test_flask_app_serves_get_and_json_post(start_appd):
     assert json.loads(body) == {"received": payload, "length": len(data)}
 
 
-def test_app_exception_gives_500_and_the_worker_keeps_serving(start_appd):
-    appd = start_appd("core_probe:app", "-w", "1")
+@pytest.fixture(scope="module")
+def probe_appd(tmp_path_factory):
+    """One `core_probe:app` worker for the tests that send it failing or garbage
+    requests; each checks that this worker survives and serves."""
+    with running_appd(tmp_path_factory.mktemp("probe"), "core_probe:app", "-w", "1") as appd:
+        yield appd
+
+
+def test_app_exception_gives_500_and_the_worker_keeps_serving(probe_appd):
+    appd = probe_appd
     [worker] = worker_pids(appd)
     status, _, body = appd.get("/crash")
     assert status == 500
@@ -345,8 +322,8 @@ def test_app_exception_gives_500_and_the_worker_keeps_serving(start_appd):
     b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
     b"NOT A REQUEST AT ALL\r\n\r\n",
 ], ids=["tls-hello", "bad-header", "nonsense"])
-def test_garbage_request_gets_400_and_the_service_keeps_serving(start_appd, garbage):
-    appd = start_appd("core_probe:app", "-w", "1")
+def test_garbage_request_gets_400_and_the_service_keeps_serving(probe_appd, garbage):
+    appd = probe_appd
     [worker] = worker_pids(appd)
     reply = raw_exchange(appd.address, garbage)
     assert reply.startswith(b"HTTP/1.1 400 ") or reply.startswith(b"HTTP/1.0 400 "), reply[:200]

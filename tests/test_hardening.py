@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import APPD, APPDCTL, APPS, assert_no_leftovers, copy_of_appd, http_get, wait_until
+from helpers import free_port
 
 pytestmark = pytest.mark.timeout(120)
 NOBODY = 65534
@@ -47,7 +48,7 @@ def appd_refusing(args: list[str], env: dict | None = None, timeout: float = 20.
 @pytest.fixture
 def runtime_dir():
     """A directory standing in for XDG_RUNTIME_DIR, so appd uses its default socket path there."""
-    path = Path(tempfile.mkdtemp(prefix="appd-xdg-"))
+    path = Path(tempfile.mkdtemp(prefix="test-xdg-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -109,7 +110,7 @@ def _fake_server_as_nobody(path: Path):
 @pytest.fixture
 def open_dir():
     """A directory another uid can reach (pytest's tmp_path is 0700 under root's)."""
-    path = Path(tempfile.mkdtemp(prefix="appd-open-"))
+    path = Path(tempfile.mkdtemp(prefix="test-open-"))
     os.chmod(path, 0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -241,15 +242,9 @@ def _activated(tmp_path, listen: list[str], *args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @needs_activate
 def test_socket_activation_without_bind_serves_the_activated_sockets(tmp_path):
-    port = _free_port()
+    port = free_port()
     unix_path = tmp_path / "web.sock"
     proc = _activated(tmp_path, [f"127.0.0.1:{port}", str(unix_path)])
     seen = {proc.pid}
@@ -297,7 +292,7 @@ def test_activated_unix_socket_matched_by_bind_is_not_unlinked(tmp_path):
 
 @needs_activate
 def test_explicit_bind_with_an_unmatched_activated_socket_is_refused(tmp_path):
-    port, other = _free_port(), _free_port()
+    port, other = free_port(), free_port()
     proc = _activated(tmp_path, [f"127.0.0.1:{port}"], "--bind", f"127.0.0.1:{other}")
     try:
         wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, 10,

@@ -11,6 +11,8 @@ import time
 
 from appd.http.request import READ_TICK
 from conftest import wait_until
+from http_harness import read_until_close
+from helpers import address_of, worker_pids
 
 HALF_HEAD = b"GET / HTTP/1.1\r\nHost: slow.example\r\nX-Partial: "
 
@@ -19,25 +21,6 @@ def stall(address: tuple[str, int]) -> socket.socket:
     sock = socket.create_connection(address, timeout=120)
     sock.sendall(HALF_HEAD)
     return sock
-
-
-def read_until_close(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while data := sock.recv(65536):
-            chunks.append(data)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
-def address_of(appd) -> tuple[str, int]:
-    host, _, port = appd.address.rpartition(":")
-    return host, int(port)
-
-
-def worker_pids(appd) -> list[int]:
-    return sorted(w["pid"] for w in appd.serving_generation()["workers"])
 
 
 def check_slow_heads(appd, count: int, workers: int, header_timeout: float) -> None:
@@ -55,7 +38,7 @@ def check_slow_heads(appd, count: int, workers: int, header_timeout: float) -> N
     assert waited < bound
     for sock in stalled:
         with sock:
-            answer = read_until_close(sock)
+            answer = read_until_close(sock, reset_ok=True)
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:100]
         assert b"Connection: close" in answer
     assert worker_pids(appd) == before, "a worker was replaced"
@@ -71,7 +54,7 @@ def test_stalled_heads_outlive_the_worker_timeout(start_appd):
     started = time.monotonic()
     for sock in stalled:
         with sock:
-            answer = read_until_close(sock)
+            answer = read_until_close(sock, reset_ok=True)
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
     assert time.monotonic() - started >= 5.0  # the deadline, not the master, ended them
     assert worker_pids(appd) == before

@@ -22,13 +22,10 @@ from appd.http import ServerInfo, handle_connection
 from appd.http import wsgi as wsgi_mod
 
 from http_harness import _short_timeouts  # noqa: F401  (an autouse fixture)
-from http_harness import APP, TIMEOUT, AccessLog, Server, raw, read_response, read_until_close, samples, serving
+from http_harness import (APP, STRICT_WARNINGS, TIMEOUT, AccessLog, Server, raw, read_response, read_until_close,
+                          samples, serving)
 
-pytestmark = [
-    pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
-]
+pytestmark = STRICT_WARNINGS
 
 
 # -- basics ---------------------------------------------------------------------

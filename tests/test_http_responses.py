@@ -17,13 +17,9 @@ import pytest
 
 from appd.http import FileWrapper
 from http_harness import _short_timeouts  # noqa: F401  (an autouse fixture)
-from http_harness import raw, read_response, samples, serving
+from http_harness import STRICT_WARNINGS, raw, read_response, samples, serving
 
-pytestmark = [
-    pytest.mark.filterwarnings("error::wsgiref.validate.WSGIWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
-]
+pytestmark = STRICT_WARNINGS
 
 
 # -- responses ------------------------------------------------------------------

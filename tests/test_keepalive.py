@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import wait_until
-from loadgen import KeepAliveLoad
+from helpers import keepalive_soak
 from test_metrics import scrape, total
 from test_worker_kinds import _connect as connect, _read_response as read_response
 
@@ -201,15 +201,7 @@ def test_keepalive_soak_through_upgrades_and_reloads_loses_nothing(start_appd):
     """16 persistent connections POSTing 100 bytes with 0-20 ms think time, no
     retries, while upgrades and reloads alternate: not one request fails."""
     appd = start_appd(*GTHREAD, "-w", "2", "--threads", "4", "--keepalive", "5")
-    operations = []
-    with KeepAliveLoad(appd.address, clients=16, max_seconds=SOAK_SECONDS + 60) as load:
-        end = time.monotonic() + SOAK_SECONDS
-        while time.monotonic() < end:
-            for op in ("upgrade", "reload"):
-                result = appd.ctl(op)
-                assert result.returncode == 0, result.stdout + result.stderr
-                operations.append(op)
-        load.wait_for(50)
+    operations, load = keepalive_soak(appd, SOAK_SECONDS)
     print(f"\nkeep-alive soak: {len(operations)} operations, {load.report()}")
     assert not load.failures, load.report()
     assert len(operations) >= 4

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from appdctl import protocol
 from conftest import running_appd
+from helpers import assert_healthy
 
 KNOWN_CODES = {protocol.BAD_REQUEST, protocol.UNKNOWN_COMMAND, protocol.BUSY, protocol.PERMISSION_DENIED,
                protocol.TIMEOUT, protocol.FAILED, protocol.ROLLED_BACK}
@@ -241,12 +242,6 @@ def check_payload(appd, payload: bytes, seen: collections.Counter) -> None:
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.filter_too_much])
-
-
-def assert_healthy(appd) -> None:
-    assert appd.proc.poll() is None
-    assert appd.status()["daemon"]["pid"] == appd.pid
-    assert appd.get("/")[0] == 200
 
 
 def test_live_server_answers_arbitrary_msgpack_values(live_appd):

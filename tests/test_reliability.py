@@ -15,8 +15,9 @@ import pytest
 
 from chaos.scenarios import (chaos_seed, control_abuse, generation_pids, print_abuse, print_leaks, soak,
                              upgrade_leaks, unexpected)
-from chaos.tools import reaping_orphans, still_there, titles, tree
+from chaos.tools import still_there, titles, tree
 from conftest import APPS, Appd, Background, assert_no_leftovers, http_get, wait_until
+from helpers import reaping_orphans
 
 GRACEFUL = 3
 

@@ -14,14 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import APPD, APPS, Appd, assert_no_leftovers, http_get, wait_until
+from helpers import worker_pids
 from loadgen import Load
 
 # Workers that take requests: ready ones and outgoing ones not yet told to stop.
 SERVING_STATES = {"ready", "outgoing"}
-
-
-def worker_pids(generation: dict) -> set[int]:
-    return {w["pid"] for w in generation["workers"]}
 
 
 def active_pids(generation: dict) -> set[int]:

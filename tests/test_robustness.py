@@ -17,6 +17,7 @@ import pytest
 
 from appdctl import Client, CommandError, protocol
 from conftest import Background, copy_of_appd, running_appd, wait_until
+from helpers import assert_healthy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,14 +36,6 @@ def raw_call(socket_path: str, request: dict) -> dict:
             for message in decoder.feed(data):
                 if "event" not in message:
                     return message
-
-
-def alive_and_serving(appd) -> dict:
-    assert appd.proc.poll() is None, f"the daemon died:\n{appd.log()[-3000:]}"
-    status = appd.status()
-    assert status["daemon"]["pid"] == appd.pid
-    assert appd.get("/")[0] == 200
-    return status
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +82,7 @@ def test_bad_config_file_fails_the_reload_naming_file_and_cause(shared, name):
     assert len(message) < 1000, "the message is bounded"
     if name in ("latin1", "deep"):
         assert str(shared.config) in message
-    alive_and_serving(shared)
+    assert_healthy(shared)
 
 
 def test_sighup_with_a_latin1_config_keeps_the_daemon(shared):
@@ -101,7 +94,7 @@ def test_sighup_with_a_latin1_config_keeps_the_daemon(shared):
                    message="the SIGHUP reload to fail")
     finally:
         shared.config.write_text("workers = 1\n")
-    alive_and_serving(shared)
+    assert_healthy(shared)
 
 
 # --- arguments: validated, bad_request naming the cause ---
@@ -114,7 +107,7 @@ def test_upgrade_env_names_and_values_are_validated(shared, env, needle):
     with pytest.raises(CommandError) as raised:
         shared.call("upgrade", env=env)
     assert raised.value.code == "bad_request" and needle in raised.value.message, raised.value
-    status = alive_and_serving(shared)
+    status = assert_healthy(shared)
     assert status["last_operation"] is None or status["last_operation"]["op"] != "upgrade"
 
 
@@ -123,14 +116,14 @@ def test_drain_timeout_must_be_a_finite_non_negative_duration(shared, timeout):
     with pytest.raises(CommandError) as raised:
         shared.call("drain", timeout=timeout)
     assert raised.value.code == "bad_request" and "timeout" in raised.value.message
-    alive_and_serving(shared)
+    assert_healthy(shared)
 
 
 def test_drain_timeout_negative_from_appdctl_is_a_usage_error(shared):
     result = shared.ctl("drain", "--timeout", "-1")
     assert result.returncode == 2, result
     assert "negative" in result.stderr
-    alive_and_serving(shared)
+    assert_healthy(shared)
 
 
 # --- requests: error messages have bounded reprs ---
@@ -145,7 +138,7 @@ def test_deeply_nested_and_huge_requests_get_short_errors(shared):
     assert reply["error"]["code"] == "bad_request" and len(reply["error"]["message"]) < 300
     reply = raw_call(shared.socket, {"v": 1, "id": 3, "cmd": "ping", "args": {str(i): 0 for i in range(50_000)}})
     assert reply["error"]["code"] == "bad_request" and len(reply["error"]["message"]) < 300
-    alive_and_serving(shared)
+    assert_healthy(shared)
 
 
 def test_reopen_logs_after_the_log_directory_was_removed(shared):
@@ -156,7 +149,7 @@ def test_reopen_logs_after_the_log_directory_was_removed(shared):
         assert result.returncode == 1, result
         assert "cannot reopen" in result.stderr and str(shared.log_dir) in result.stderr
         os.kill(shared.pid, signal.SIGUSR1)
-        alive_and_serving(shared)
+        assert_healthy(shared)
     finally:
         moved.rename(shared.log_dir)
     assert shared.ctl("reopen-logs").returncode == 0
@@ -217,7 +210,7 @@ def test_exceptions_in_commands_operations_signals_timers_and_messages_leave_it_
     assert result.returncode == 1 and "internal" in result.stderr and "KeyError" in result.stderr
     assert appd.call("upgrade")["outcome"] == "done", "channel messages that raise are each handled"
     wait_until(lambda: "timer broke" in appd.log(), 10, message="the broken timer to fire")
-    alive_and_serving(appd)
+    assert_healthy(appd)
     assert "internal_error" in appd.log() and "reopen broke" in appd.log() and "message broke" in appd.log()
 
 

@@ -14,7 +14,8 @@ import time
 import psutil
 import pytest
 
-from conftest import APPD, ROOT, assert_no_leftovers, http_get, wait_until
+from conftest import APPD, assert_no_leftovers, copy_of_appd, http_get, wait_until
+from helpers import free_port
 from loadgen import Load
 
 
@@ -95,15 +96,9 @@ def test_watchdog_pings_at_half_the_interval(start_appd, tmp_path):
         receiver.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate not installed")
 def test_socket_activation_serves_and_survives_upgrade(tmp_path):
-    port = _free_port()
+    port = free_port()
     ctl = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=http",
@@ -138,16 +133,8 @@ def test_socket_activation_serves_and_survives_upgrade(tmp_path):
     assert proc.returncode == 0, "TERM drains and exits 0"
 
 
-def _copy_of_appd(tmp_path):
-    """A private copy of the appd packages, put first on PYTHONPATH, so a test can change 'new code'."""
-    pkg = tmp_path / "pkg"
-    shutil.copytree(ROOT / "daemon", pkg / "appd", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "ctl", pkg / "appdctl", ignore=shutil.ignore_patterns("__pycache__"))
-    return pkg
-
-
 def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
-    pkg = _copy_of_appd(tmp_path)
+    pkg = copy_of_appd(tmp_path)
     appd = start_appd("-w", "2", env={"PYTHONPATH": str(pkg)})
     before = appd.status()
     (pkg / "appd" / "__init__.py").write_text('"""appd."""\n\n__version__ = "0.1.0+reexec"\n')
@@ -169,7 +156,7 @@ def test_daemon_reexec_keeps_pid_and_serves_under_load(start_appd, tmp_path):
 
 
 def test_broken_daemon_reexec_leaves_old_daemon_serving(start_appd, tmp_path):
-    pkg = _copy_of_appd(tmp_path)
+    pkg = copy_of_appd(tmp_path)
     receiver = NotifyReceiver(tmp_path / "notify.sock")
     try:
         appd = start_appd("-w", "2", env={"PYTHONPATH": str(pkg), "NOTIFY_SOCKET": receiver.path})

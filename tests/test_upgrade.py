@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from conftest import APPDCTL, wait_until
+from helpers import worker_pids
 from loadgen import Load
 
 # Rewritten app files are often the same size and written within the same
@@ -39,10 +40,6 @@ def write_app(directory: Path, body: str = '"v1"', prelude: str = "", healthz: s
 
 def start_myapp(start_appd, directory: Path, *args: str, env: dict | None = None):
     return start_appd("--chdir", str(directory), "myapp:app", *args, env={**NO_PYC, **(env or {})})
-
-
-def worker_pids(generation: dict) -> set[int]:
-    return {w["pid"] for w in generation["workers"]}
 
 
 def test_upgrade_serves_new_code_without_failing_a_request(start_appd, tmp_path):
@@ -166,7 +163,7 @@ def test_failing_ready_check_rolls_back(start_appd, tmp_path):
 
 def test_not_ready_within_boot_timeout_rolls_back_quickly(start_appd, tmp_path):
     write_app(tmp_path, '"v1"')
-    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--boot-timeout", "2")
+    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--boot-timeout", "4")
     old = appd.serving_generation()
     write_app(tmp_path, '"v2"', prelude="time.sleep(30)")
     error, seconds = assert_rolls_back(appd)

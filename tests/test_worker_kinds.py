@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import running_appd, wait_until
 from loadgen import Load
 
 PYTHON = sys.executable
@@ -46,8 +46,16 @@ def _read_response(sock: socket.socket, buffer: bytearray) -> bytes:
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-def test_gthread_keeps_connections_alive(start_appd):
-    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1", "--keepalive", "5")
+@pytest.fixture(scope="module")
+def gthread_appd(tmp_path_factory):
+    """One gthread worker with two threads for the tests that only make requests."""
+    with running_appd(tmp_path_factory.mktemp("gthread"), "--worker-class", "gthread", "--threads", "2",
+                      "-w", "1", "--keepalive", "10") as appd:
+        yield appd
+
+
+def test_gthread_keeps_connections_alive(gthread_appd):
+    appd = gthread_appd
     sock = _connect(appd.address)
     buffer = bytearray()
     try:
@@ -63,8 +71,8 @@ def test_gthread_keeps_connections_alive(start_appd):
         sock.close()
 
 
-def test_gthread_serves_pipelined_requests_in_order(start_appd):
-    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1")
+def test_gthread_serves_pipelined_requests_in_order(gthread_appd):
+    appd = gthread_appd
     sock = _connect(appd.address)
     buffer = bytearray()
     try:
@@ -79,9 +87,9 @@ def test_gthread_serves_pipelined_requests_in_order(start_appd):
     assert third.startswith(b"HTTP/1.1 200") and b"Hello from appd" in third
 
 
-def test_gthread_more_idle_connections_than_threads(start_appd):
+def test_gthread_more_idle_connections_than_threads(gthread_appd):
     """Idle keep-alive connections wait in the poller, not in a thread."""
-    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1", "--keepalive", "10")
+    appd = gthread_appd
     socks = [_connect(appd.address) for _ in range(8)]
     buffers = [bytearray() for _ in socks]
     try:

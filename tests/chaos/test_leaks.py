@@ -10,6 +10,7 @@ import pytest
 from chaos.scenarios import print_leaks, upgrade_leaks
 from chaos.tools import usage
 from conftest import wait_until
+from helpers import worker_pids
 from loadgen import KeepAliveLoad
 
 RSS_SLACK = 4 * 2**20
@@ -57,7 +58,3 @@ def test_hundred_upgrades_handing_keepalive_connections_on_leak_no_fd(start_appd
     assert figures["leftover"] == [] and figures["census"]["orphans"] == []
     wait_until(lambda: max(usage(pid).fds for pid in worker_pids(appd)) <= idle_worker_fds,
                40, message="the workers to hold no client connection once the clients left")
-
-
-def worker_pids(appd) -> list[int]:
-    return [w["pid"] for w in appd.serving_generation()["workers"]]

@@ -5,7 +5,6 @@ control-socket fuzzer and a `status` latency probe."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import socket
@@ -21,7 +20,6 @@ import psutil
 from appdctl import Client, protocol
 
 _LENGTH = struct.Struct(">I")
-_PR_SET_CHILD_SUBREAPER = 36
 CHANGING = {name for name, (changing, _) in protocol.COMMANDS.items() if changing}
 
 
@@ -66,7 +64,9 @@ def unlinked_files(pid: int) -> list[str]:
 
 
 def temp_entries() -> set[str]:
-    """Names in the system temp dir and /dev/shm that look like ours."""
+    """Names in the system temp dir and /dev/shm that look like ours. (The tests
+    name their own temp dirs test-*, so one running beside a leak check does not
+    count as a leak.)"""
     found = set()
     for directory in {tempfile.gettempdir(), "/tmp", "/dev/shm"}:
         with contextlib.suppress(OSError):
@@ -130,26 +130,6 @@ def still_there(pids) -> list[int]:
             psutil.Process(pid).status()
             left.append(pid)
     return left
-
-
-@contextlib.contextmanager
-def reaping_orphans():
-    """Make this test process the subreaper for orphans while it runs, as a real
-    init would be: this container's PID 1 never reaps, so without it a SIGKILLed
-    daemon's masters would stay zombies and "gone" could not be observed.
-    Yields reap(pids), which collects those of `pids` that exited."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-    def reap(pids):
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-
-    try:
-        yield reap
-    finally:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 # --- the control-socket fuzzer ---
