@@ -15,6 +15,7 @@ import pytest
 
 from conftest import Background, running_appd, wait_until
 from loadgen import Load, Result
+from test_metrics import scrape, total
 
 pytest.importorskip("fastapi")
 websockets_client = pytest.importorskip("websockets.sync.client")
@@ -72,7 +73,7 @@ def fastapi_appd(tmp_path_factory):
     # on a loaded machine, or http.client silently reconnects to the new code.
     directory = tmp_path_factory.mktemp("fastapi")
     with running_appd(directory, "asgi_fastapi:app", *ASGI, "-w", "2", "--ready-check", "/healthz",
-                      "--keepalive", "15", env={"SHUTDOWN_MARKER": str(directory / "shutdown")}) as appd:
+                      "--keepalive", "15", "--metrics-bind", "127.0.0.1:0", env={"SHUTDOWN_MARKER": str(directory / "shutdown")}) as appd:
         yield appd
 
 
@@ -136,6 +137,7 @@ def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
     idle = http.client.HTTPConnection(*host_port(appd.address), timeout=30)
     idle.request("GET", "/")
     assert json.loads(idle.getresponse().read())["version"] == "v1"
+    handed_before = total(scrape(appd), "appd_handed_off_connections_total")
     with KeepAliveLoad(appd.address, path="/", post_path="/echo", threads=6) as load:
         pipelined.sendall(f"GET /hold?path={release} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
                           + b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /state HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -145,7 +147,10 @@ def test_fastapi_keepalive_load_across_upgrade_loses_nothing(fastapi_appd):
         wait_until(lambda: all(w["state"] == "stopping" for g in appd.status()["generations"]
                                if g["id"] == before for w in g["workers"]), 30,
                    message="the old workers told to stop")
-
+        # "stopping" is the master's view once it sent TERM; the worker hands its idle
+        # connections on when it handles that signal, a moment later under load.
+        wait_until(lambda: total(scrape(appd), "appd_handed_off_connections_total") > handed_before, 20,
+                   message="the old workers' idle connections handed on")
         idle.request("GET", "/")  # handed on: no close, no reconnect, the new code
         response = idle.getresponse()
         assert json.loads(response.read())["version"] == "v2", "answered by the new generation"
