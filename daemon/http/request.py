@@ -19,13 +19,14 @@ import select
 import socket
 import time
 from collections import deque
-from urllib.parse import unquote_to_bytes
 
 import httptools
 
 from .errors import (BadRequest, HeadersTooLarge, HTTPError, RequestTimeout,
                      URITooLong, VersionNotSupported)
-from .validate import FORBIDDEN_TRAILERS, check_host, check_target, relax_request_line
+from .names import _HEADER_KEYS, header_key
+from .relax import RelaxedLine
+from .validate import FORBIDDEN_TRAILERS, check_host, check_target
 
 RECV_SIZE = 64 * 1024
 # Cap on a request head when some limit is 0 ("no limit"): still never unbounded.
@@ -43,50 +44,9 @@ VERSION_FRAMING = 9
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
-# Header name (raw bytes, as sent) -> environ key, or None to drop the field.
-# Bounded so a client inventing names cannot grow it without end.
-_HEADER_KEYS: dict[bytes, str | None] = {}
-_HEADER_KEYS_MAX = 1024
 # Host values already found valid (bounded as above).
 _GOOD_HOSTS: set[str] = set()
 _GOOD_HOSTS_MAX = 1024
-
-
-def header_key(name: bytes) -> str | None:
-    """Environ key for a header name; None for names with '_', which would
-    collide with their '-' twin (X_User vs X-User spoofing, as gunicorn)."""
-    key = _HEADER_KEYS.get(name, False)
-    if key is not False:
-        return key
-    text = name.decode("latin-1").upper()
-    if "_" in text:
-        key = None
-    elif text in ("CONTENT-TYPE", "CONTENT-LENGTH"):
-        key = text.replace("-", "_")
-    else:
-        key = "HTTP_" + text.replace("-", "_")
-    if len(_HEADER_KEYS) < _HEADER_KEYS_MAX:
-        _HEADER_KEYS[name] = key
-    return key
-
-
-def split_target(url: bytes) -> tuple[str, str]:
-    """PATH_INFO (percent-decoded, latin-1) and QUERY_STRING of a request target."""
-    if url[:1] == b"/":
-        path, _, query = url.partition(b"?")
-        if b"#" in query or b"#" in path:
-            path, _, query = url.partition(b"#")[0].partition(b"?")
-    elif url == b"*":
-        return "", ""
-    else:  # absolute-form (proxies) or authority-form (CONNECT)
-        try:
-            parsed = httptools.parse_url(url)
-            path, query = parsed.path or b"/", parsed.query or b""
-        except httptools.HttpParserInvalidURLError:
-            return "", ""
-    if b"%" in path:
-        path = unquote_to_bytes(path)
-    return path.decode("latin-1"), query.decode("latin-1")
 
 
 class Request:
@@ -109,7 +69,7 @@ class Request:
         self.broken = False                # body ended by a parse error
 
 
-class RequestReader:
+class RequestReader(RelaxedLine):
     """Reads requests off one connection; also the httptools callback target."""
 
     # Seldom read state, as class defaults (what is read per request is set in
@@ -117,7 +77,7 @@ class RequestReader:
     on_wait = None                          # called about every READ_TICK while a read blocks
     refusal: HTTPError | None = None        # raised by our own callback checks
     poller: select.poll | None = None
-    keep_method = False
+    keep_method = False                     # see relax.RelaxedLine
 
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
                  limit_field_size: int, header_timeout: float = 0.0,
@@ -414,43 +374,6 @@ class RequestReader:
             self.ready.pop()  # its body or trailers are bad: answer the error, not the app
         elif req is not None and not self.in_head and not req.complete:
             req.broken = True
-
-    # -- the relaxed request line (extension methods, UTF-8 targets) ------------
-
-    def _relax(self, url_refused: bool) -> bool:
-        """llhttp refused the method or the target of the head being read; if that
-        head began at a known place, wait for its request line and parse it again
-        relaxed (validate.relax_request_line). False: answer 400."""
-        if self.head_chunks is None or self.heads_begun != 1 or self.relaxed is not None:
-            return False  # e.g. the second of two pipelined requests in one recv
-        self.keep_method = url_refused
-        data = b"".join(self.head_chunks).lstrip(b"\r\n")
-        self.head_chunks = None
-        self.pending_line = b""
-        self._relax_pending(data)
-        return True
-
-    def _relax_pending(self, data: bytes) -> None:
-        line = self.pending_line + data
-        end = line.find(b"\n")
-        if end < 0:
-            if self.limit_line and len(line) > self.limit_line + 2:
-                self._stop(URITooLong("request line too long"))
-            self.pending_line = line
-            return
-        self.pending_line = None
-        if line[end - 1:end] != b"\r":
-            self._stop(BadRequest("request line not ended by CRLF"))
-            return
-        try:
-            head, method, target = relax_request_line(line[:end - 1], self.keep_method)
-        except HTTPError as exc:
-            self._stop(exc)
-            return
-        self.relaxed = (method, target)
-        self.parser = httptools.HttpRequestParser(self)
-        self.head_chunks = None
-        self._feed(head + line[end - 1:])
 
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""

@@ -31,7 +31,11 @@ from wsgi_servers import BaselineAppdServer, baseline_wanted  # noqa: E402
 # Functions whose own time is (nearly all) one socket system call; py-spy sees
 # Python frames only, so the kernel's time shows up as theirs.
 SOCKET_CALLS = ("accept", "recv_into", "recv", "sendall", "_sendall", "sendfile", "_real_close", "fill",
-                "close", "send", "select", "poll", "_recv_into")
+                "close", "send", "_recv_into", "_send", "_accept")
+# Leaf frames of a thread that waits for work (py-spy counts some of them as busy):
+# the poller's epoll_wait, a pool thread's queue get.
+IDLE_LEAVES = ("select (selectors.py", "_worker (concurrent/futures/thread.py:81)", "wait (threading.py",
+               "get (queue.py")
 # appd frames that call the app: time below them (outside appd) is the app's.
 APP_CALLERS = ("_serve", "send_result", "_run_app", "serve_request")
 
@@ -41,13 +45,16 @@ def _name(frame: str) -> str:
 
 
 def _in_appd(frame: str) -> bool:
-    return "/appd/" in frame or "/daemon/" in frame
+    return "(appd/" in frame or "/appd/" in frame
 
 
 def classify(frames: list[str]) -> str:
-    """"socket" (a frame around one socket call, or the poller's wait), "appd"
-    (appd's own code, with the C parser it calls) or "app" (below the app call)."""
+    """"idle" (waiting for work), "socket" (a frame around one socket call), "appd"
+    (appd's own code, with the C parser and the thread pool it uses) or "app"
+    (below the app call)."""
     leaf = frames[-1]
+    if leaf.startswith(IDLE_LEAVES) or ".select (selectors.py" in leaf:
+        return "idle"
     if _name(leaf) in SOCKET_CALLS:
         return "socket"
     if _in_appd(leaf):
@@ -55,7 +62,7 @@ def classify(frames: list[str]) -> str:
     for frame in reversed(frames):
         if _in_appd(frame):
             return "app" if _name(frame) in APP_CALLERS else "appd"
-    return "other"
+    return "appd"  # the thread pool's own frames: appd's machinery too
 
 
 def sample(pid: int, seconds: float, out: Path) -> None:
@@ -76,8 +83,9 @@ def summarize(raw: Path, top: int) -> None:
             inclusive[frame] += int(count)
     if not total:
         raise SystemExit("hotpath: py-spy took no samples")
-    print(f"{total} samples; shares of the worker's time: "
-          + ", ".join(f"{what} {100 * shares[what] / total:.0f}%" for what in ("appd", "socket", "app", "other")))
+    busy = total - shares["idle"]
+    print(f"{total} samples, {100 * busy / total:.0f}% busy; shares of the busy time: "
+          + ", ".join(f"{what} {100 * shares[what] / max(busy, 1):.0f}%" for what in ("appd", "socket", "app")))
     print("own time:")
     for frame, n in own.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {frame}")
