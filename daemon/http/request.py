@@ -81,7 +81,7 @@ class RequestReader(RelaxedLine):
 
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
                  limit_field_size: int, header_timeout: float = 0.0,
-                 read_timeout: float = 30.0) -> None:
+                 read_timeout: float = 30.0, nonblocking_first: bool = False) -> None:
         self.sock = sock
         self.parser = httptools.HttpRequestParser(self)
         self.limit_line = limit_line
@@ -98,8 +98,15 @@ class RequestReader(RelaxedLine):
         self.head_due = time.monotonic() + header_timeout if header_timeout else 0.0
         # Reads wait at most a tick at a time (see _recv); sends set read_timeout.
         self.tick = min(READ_TICK, read_timeout, header_timeout or READ_TICK)
-        self.sock_timeout = self.tick
-        sock.settimeout(self.tick)
+        if nonblocking_first and sock.gettimeout() is None:
+            # A plain blocking socket stays so while reads and sends need no wait:
+            # each is one MSG_DONTWAIT call (a socket with a timeout polls before
+            # every call, and switching modes costs a call too). Only a read or a
+            # send that would block sets the timeout (see _recv, Response._sendall).
+            self.sock_timeout = None
+        else:
+            self.sock_timeout = self.tick
+            sock.settimeout(self.tick)
         self.ready: deque[Request] = deque()  # heads complete, not yet served
         self.current: Request | None = None    # the message being parsed
         self.in_head = False
@@ -264,7 +271,14 @@ class RequestReader(RelaxedLine):
         """One recv fed to the parser; False on EOF, timeout, reset or after a parse stop."""
         if self.done:
             return False
-        if self.sock_timeout == self.tick and not (head and self.in_head):
+        if self.sock_timeout is None:
+            try:  # the usual case: a whole head or body chunk is already there
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = self._recv(head, timed_out=False)
+            except OSError:
+                data = b""
+        elif self.sock_timeout == self.tick and not (head and self.in_head):
             try:  # the usual case: a whole head or body chunk is already there
                 data = self.sock.recv(RECV_SIZE)
             except TimeoutError:
@@ -335,7 +349,8 @@ class RequestReader(RelaxedLine):
 
     def for_sending(self) -> None:
         """Before a response: sendall() counts its timeout over the whole send, so
-        the short read tick would cut off a slow reader."""
+        the short read tick would cut off a slow reader (and a blocking socket
+        would wait for it without end)."""
         if self.sock_timeout != self.read_timeout:
             self.set_timeout(self.read_timeout)
 

@@ -117,6 +117,16 @@ class Response:
 
     def _sendall(self, data) -> None:
         try:
+            reader = self.input._reader
+            if reader.sock_timeout is None:  # a blocking socket: send what fits now, never wait
+                try:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+                reader.for_sending()  # the rest waits for the client, within read_timeout
             self.sock.sendall(data)
         except OSError as exc:
             self.client_gone = True

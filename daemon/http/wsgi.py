@@ -3,7 +3,6 @@ environ, the app called, errors answered (the response itself: response.py)."""
 
 from __future__ import annotations
 
-import functools
 import socket
 import sys
 import time
@@ -43,8 +42,22 @@ class ServerInfo:
 
 
 
-@functools.lru_cache(maxsize=16)
+# id(ServerInfo) -> (that ServerInfo, its environ template): looked up per
+# connection, so by identity (hashing the frozen dataclass costs more).
+_TEMPLATES: dict[int, tuple] = {}
+
+
 def _base_environ(info: ServerInfo) -> dict:
+    hit = _TEMPLATES.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    env = _environ_template(info)
+    if len(_TEMPLATES) < 64:
+        _TEMPLATES[id(info)] = (info, env)
+    return env
+
+
+def _environ_template(info: ServerInfo) -> dict:
     return {
         "SCRIPT_NAME": "",
         "SERVER_NAME": info.server_name,
@@ -59,8 +72,6 @@ def _base_environ(info: ServerInfo) -> dict:
         "wsgi.file_wrapper": FileWrapper,
         "wsgi.input_terminated": True,
     }
-
-
 
 
 def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
@@ -158,8 +169,10 @@ class Connection:
         else:  # unix socket peers are anonymous
             env["REMOTE_ADDR"] = client_addr if isinstance(client_addr, str) else ""
         self.env = env
+        setup = info.setup
         self.reader = RequestReader(sock, info.limit_request_line, info.limit_request_fields,
-                                    info.limit_request_field_size, info.header_timeout, READ_TIMEOUT)
+                                    info.limit_request_field_size, info.header_timeout, READ_TIMEOUT,
+                                    nonblocking_first=setup is None or not setup.blocking)
         self.served = 0
         self.setup = info.setup  # done on the first serve(), in the serving thread
 

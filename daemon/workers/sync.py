@@ -74,7 +74,7 @@ class SyncWorker(Worker):
                 raise
             time.sleep(pause)  # one connection at a time: nothing else to do meanwhile
             return 0
-        conn.setblocking(True)
+        # accept() gives a blocking socket (accept4 without SOCK_NONBLOCK): no setblocking call.
         self.report_busy()
         self.busy_since = time.monotonic()
         try:

@@ -151,6 +151,9 @@ def _servers_for(ctx: Context, app: str, workers: int, threads: int | None):
     if wsgi_servers.baseline_wanted():
         kinds.insert(1, ("appd-base", lambda: wsgi_servers.BaselineAppdServer(
             app, workers, ctx.dir("appd-base"), **options)))
+    wanted = os.environ.get("APPD_BENCH_SERVERS")  # e.g. "appd,appd-base": a quick before/after
+    if wanted:
+        kinds = [(kind, make) for kind, make in kinds if kind in wanted.split(",")]
     return kinds
 
 
@@ -207,8 +210,14 @@ def fastest_servers(ctx: Context):
         ctx.log("  throughput: skipped, needs wrk")
         return [Row("throughput vs granian, uWSGI", "requests/s", None, None, "rps", note="skipped: needs wrk")], {}
     rows, raw = [], {}
+    apps = os.environ.get("APPD_BENCH_APPS", "hello,flask").split(",")
+    modes = os.environ.get("APPD_BENCH_MODES", "sync,gthread").split(",")
     for app_name, app, app_label in (("hello", HELLO, "hello WSGI"), ("flask", FLASK, "Flask")):
+        if app_name not in apps:
+            continue
         for threads, mode in ((None, "sync, per connection"), (4, "gthread 4 threads, keep-alive")):
+            if ("gthread" if threads else "sync") not in modes:
+                continue
             label = f"{app_label} {mode}"
             r, raw[label] = versus(ctx, label, app_name, app, threads)
             rows += r
