@@ -312,15 +312,15 @@ class RequestReader(RelaxedLine):
         return True
 
     def _recv(self, head: bool, timed_out: bool) -> bytes:
-        """Wait for one recv; b"" on EOF, reset or read_timeout. The socket
-        timeout is at most READ_TICK, so a silent client wakes us to call
-        on_wait (the heartbeat) and to end a late head (RequestTimeout)."""
-        waited = 0.0
+        """Wait for one recv; b"" on EOF, reset or read_timeout. A wait lasts at
+        most READ_TICK, so a silent client wakes us to call on_wait (the
+        heartbeat) and to end a late head (RequestTimeout)."""
+        waited, last = 0.0, self.sock_timeout
         while True:
             if timed_out:
                 if self.on_wait is not None:
                     self.on_wait()
-                waited += self.sock_timeout
+                waited += last
                 if waited >= self.read_timeout:
                     return b""
             timeout = self.tick
@@ -329,6 +329,17 @@ class RequestReader(RelaxedLine):
                 if remaining <= 0:
                     raise RequestTimeout("request head not complete within header_timeout")
                 timeout = remaining  # wake right at the deadline
+            last = timeout
+            if self.sock_timeout is None:  # a blocking socket stays so: poll, then recv
+                timed_out = not self._readable(timeout)
+                if timed_out:
+                    continue
+                try:
+                    return self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue  # readable, then not (another reader cannot be: rare)
+                except OSError:
+                    return b""
             if self.sock_timeout != timeout:
                 self.set_timeout(timeout)
             try:
@@ -337,6 +348,12 @@ class RequestReader(RelaxedLine):
                 timed_out = True
             except OSError:
                 return b""
+
+    def _readable(self, timeout: float) -> bool:
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(self.poller.poll(timeout * 1000))
 
     def head_late(self, now: float | None = None) -> bool:
         """Whether a head is being read past header_timeout. For workers that
@@ -392,9 +409,6 @@ class RequestReader(RelaxedLine):
 
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""
-        if self.poller is None:
-            self.poller = select.poll()
-            self.poller.register(self.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + timeout
         while True:
             if should_continue is not None and not should_continue():
@@ -402,5 +416,5 @@ class RequestReader(RelaxedLine):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self.poller.poll(min(remaining, IDLE_POLL_INTERVAL) * 1000):
+            if self._readable(min(remaining, IDLE_POLL_INTERVAL)):
                 return True
