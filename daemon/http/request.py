@@ -287,6 +287,24 @@ class RequestReader(RelaxedLine):
                 data = b""
         else:
             data = self._recv(head, timed_out=False)
+        return self._take(data)
+
+    def read_now(self) -> bool:
+        """One read that never waits (blocking sockets only): True when bytes (or
+        the end of the connection) came, so next_request() will not wait."""
+        if self.sock_timeout is not None or self.done:
+            return False
+        try:
+            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        self._take(data)
+        return True
+
+    def _take(self, data: bytes) -> bool:
+        """Feed what one recv gave to the parser; False at EOF."""
         if not data:
             self.eof = True
             return False
@@ -370,42 +388,6 @@ class RequestReader(RelaxedLine):
         would wait for it without end)."""
         if self.sock_timeout != self.read_timeout:
             self.set_timeout(self.read_timeout)
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._parse_stopped(exc)
-
-    def _parse_stopped(self, exc: Exception) -> None:
-        if isinstance(exc, httptools.HttpParserUpgrade):
-            # Upgrade/CONNECT: WSGI cannot hand over the socket, so serve the
-            # request as plain HTTP and parse nothing after it.
-            self.done = True
-            req = self.current
-            if req is not None:
-                req.keep_alive = False
-                req.complete = True
-        elif isinstance(exc, (httptools.HttpParserInvalidMethodError,
-                              httptools.HttpParserInvalidURLError)):
-            if not self._relax(isinstance(exc, httptools.HttpParserInvalidURLError)):
-                self._stop(BadRequest(str(exc)))
-        elif str(exc) == "Invalid HTTP version" and self.refusal is None:
-            # llhttp's reason for 1.2 (served as 1.1) as for 3.0 (answered 505).
-            if not self._relax(True):
-                self._stop(BadRequest(str(exc)))
-        else:
-            self._stop(self.refusal or BadRequest(str(exc)))
-
-    def _stop(self, error: HTTPError) -> None:
-        """Parsing ends here: requests queued before this one are still served."""
-        self.done = True
-        self.error = error
-        req = self.current
-        if req is not None and not req.complete and self.ready and self.ready[-1] is req:
-            self.ready.pop()  # its body or trailers are bad: answer the error, not the app
-        elif req is not None and not self.in_head and not req.complete:
-            req.broken = True
 
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""

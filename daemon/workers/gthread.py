@@ -226,7 +226,7 @@ class ThreadWorker(Worker):
         try:
             should_continue = self.should_continue if kept.transferable else self.still_serving
             keep = kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
-                                         self.count_request_locked, park=True)
+                                         self.count_request_locked, park=True, read_ahead=self.still_serving)
         except Exception:
             self.log.exception("connection_failed")
             kept.close()
