@@ -68,8 +68,6 @@ class ThreadWorker(Worker):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()   # Kept connections for the threads
         self.pool = [threading.Thread(target=self.run_thread, name=f"appd-worker_{i}", daemon=True)
                      for i in range(self.threads)]
-        for thread in self.pool:
-            thread.start()
         self.wake_pending = False  # a thread has written the wake byte the poller has not seen
         self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
@@ -87,6 +85,8 @@ class ThreadWorker(Worker):
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.listening = [(l.sock, server_info(l, cfg, multithread=True), l.name) for l in self.listeners]
         self.accepting = False
+        for thread in self.pool:  # last: the limits above are logged as early as before
+            thread.start()
         self.set_accepting(True)
 
     def poll_once(self) -> None:

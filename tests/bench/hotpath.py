@@ -32,10 +32,12 @@ from wsgi_servers import BaselineAppdServer, baseline_wanted  # noqa: E402
 # Python frames only, so the kernel's time shows up as theirs.
 SOCKET_CALLS = ("accept", "recv_into", "recv", "sendall", "_sendall", "sendfile", "_real_close", "fill",
                 "close", "send", "_recv_into", "_send", "_accept")
+RATE = 500  # py-spy samples per second
+
 # Leaf frames of a thread that waits for work (py-spy counts some of them as busy):
 # the poller's epoll_wait, a pool thread's queue get.
 IDLE_LEAVES = ("select (selectors.py", "_worker (concurrent/futures/thread.py:81)", "wait (threading.py",
-               "get (queue.py")
+               "get (queue.py", "ThreadWorker.run_thread (appd/workers/gthread.py")
 # appd frames that call the app: time below them (outside appd) is the app's.
 APP_CALLERS = ("_serve", "send_result", "_run_app", "serve_request")
 
@@ -67,11 +69,12 @@ def classify(frames: list[str]) -> str:
 
 def sample(pid: int, seconds: float, out: Path) -> None:
     subprocess.run([str(BIN / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                    "--rate", "500", "--format", "raw", "--output", str(out)],
+                    "--rate", str(RATE), "--format", "raw", "--output", str(out)],
                    check=True, capture_output=True, timeout=seconds + 60)
 
 
-def summarize(raw: Path, top: int) -> None:
+def summarize(raw: Path, top: int, requests: float | None = None) -> None:
+    """requests: how many the worker served while sampled, for µs per request."""
     own, inclusive, shares, total = Counter(), Counter(), Counter(), 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -86,6 +89,10 @@ def summarize(raw: Path, top: int) -> None:
     busy = total - shares["idle"]
     print(f"{total} samples, {100 * busy / total:.0f}% busy; shares of the busy time: "
           + ", ".join(f"{what} {100 * shares[what] / max(busy, 1):.0f}%" for what in ("appd", "socket", "app")))
+    if requests:
+        print(f"per request ({requests:.0f} requests sampled; wall time of the sampled stacks, so a busy "
+              "machine inflates it): " + ", ".join(f"{what} {shares[what] / RATE / requests * 1e6:.1f} µs"
+                                                    for what in ("appd", "socket", "app")))
     print("own time:")
     for frame, n in own.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {frame}")
@@ -109,14 +116,16 @@ def main() -> None:
         options = {"threads": 4, "keepalive": 5} if args.worker == "gthread" else {}
         with kind(HELLO if args.app == "hello" else FLASK, 1, Path(tmp), **options) as server:
             worker = server.worker_pids()[0]
-            load = threading.Thread(target=run_wrk, args=(server.url,),
-                                    kwargs={"threads": 1, "connections": 8, "duration": args.seconds + 3})
+            result = {}
+            load = threading.Thread(target=lambda: result.update(run_wrk(
+                server.url, threads=1, connections=8, duration=args.seconds + 3)))
             load.start()
             try:
                 sample(worker, args.seconds, Path(tmp) / "profile.raw")
             finally:
                 load.join()
-            summarize(Path(tmp) / "profile.raw", args.top)
+            sampled = result["rps"] * args.seconds if result.get("rps") else None
+            summarize(Path(tmp) / "profile.raw", args.top, sampled)
 
 
 if __name__ == "__main__":
