@@ -35,6 +35,7 @@ class Input:
             if self.continue_pending:
                 self.continue_pending = False
                 try:
+                    self._reader.for_sending()  # never a send without a timeout
                     self._reader.sock.sendall(_CONTINUE)
                 except OSError as exc:
                     raise ClientDisconnected("client gone before sending the body") from exc

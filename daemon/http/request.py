@@ -19,13 +19,14 @@ import select
 import socket
 import time
 from collections import deque
-from urllib.parse import unquote_to_bytes
 
 import httptools
 
 from .errors import (BadRequest, HeadersTooLarge, HTTPError, RequestTimeout,
                      URITooLong, VersionNotSupported)
-from .validate import FORBIDDEN_TRAILERS, check_host, check_target, relax_request_line
+from .names import _HEADER_KEYS, header_key
+from .relax import RelaxedLine
+from .validate import FORBIDDEN_TRAILERS, check_host, check_target
 
 RECV_SIZE = 64 * 1024
 # Cap on a request head when some limit is 0 ("no limit"): still never unbounded.
@@ -43,50 +44,9 @@ VERSION_FRAMING = 9
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
-# Header name (raw bytes, as sent) -> environ key, or None to drop the field.
-# Bounded so a client inventing names cannot grow it without end.
-_HEADER_KEYS: dict[bytes, str | None] = {}
-_HEADER_KEYS_MAX = 1024
 # Host values already found valid (bounded as above).
 _GOOD_HOSTS: set[str] = set()
 _GOOD_HOSTS_MAX = 1024
-
-
-def header_key(name: bytes) -> str | None:
-    """Environ key for a header name; None for names with '_', which would
-    collide with their '-' twin (X_User vs X-User spoofing, as gunicorn)."""
-    key = _HEADER_KEYS.get(name, False)
-    if key is not False:
-        return key
-    text = name.decode("latin-1").upper()
-    if "_" in text:
-        key = None
-    elif text in ("CONTENT-TYPE", "CONTENT-LENGTH"):
-        key = text.replace("-", "_")
-    else:
-        key = "HTTP_" + text.replace("-", "_")
-    if len(_HEADER_KEYS) < _HEADER_KEYS_MAX:
-        _HEADER_KEYS[name] = key
-    return key
-
-
-def split_target(url: bytes) -> tuple[str, str]:
-    """PATH_INFO (percent-decoded, latin-1) and QUERY_STRING of a request target."""
-    if url[:1] == b"/":
-        path, _, query = url.partition(b"?")
-        if b"#" in query or b"#" in path:
-            path, _, query = url.partition(b"#")[0].partition(b"?")
-    elif url == b"*":
-        return "", ""
-    else:  # absolute-form (proxies) or authority-form (CONNECT)
-        try:
-            parsed = httptools.parse_url(url)
-            path, query = parsed.path or b"/", parsed.query or b""
-        except httptools.HttpParserInvalidURLError:
-            return "", ""
-    if b"%" in path:
-        path = unquote_to_bytes(path)
-    return path.decode("latin-1"), query.decode("latin-1")
 
 
 class Request:
@@ -109,7 +69,7 @@ class Request:
         self.broken = False                # body ended by a parse error
 
 
-class RequestReader:
+class RequestReader(RelaxedLine):
     """Reads requests off one connection; also the httptools callback target."""
 
     # Seldom read state, as class defaults (what is read per request is set in
@@ -117,11 +77,11 @@ class RequestReader:
     on_wait = None                          # called about every READ_TICK while a read blocks
     refusal: HTTPError | None = None        # raised by our own callback checks
     poller: select.poll | None = None
-    keep_method = False
+    keep_method = False                     # see relax.RelaxedLine
 
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
                  limit_field_size: int, header_timeout: float = 0.0,
-                 read_timeout: float = 30.0) -> None:
+                 read_timeout: float = 30.0, nonblocking_first: bool = False) -> None:
         self.sock = sock
         self.parser = httptools.HttpRequestParser(self)
         self.limit_line = limit_line
@@ -138,8 +98,15 @@ class RequestReader:
         self.head_due = time.monotonic() + header_timeout if header_timeout else 0.0
         # Reads wait at most a tick at a time (see _recv); sends set read_timeout.
         self.tick = min(READ_TICK, read_timeout, header_timeout or READ_TICK)
-        self.sock_timeout = self.tick
-        sock.settimeout(self.tick)
+        if nonblocking_first and sock.gettimeout() is None:
+            # A plain blocking socket stays so while reads and sends need no wait:
+            # each is one MSG_DONTWAIT call (a socket with a timeout polls before
+            # every call, and switching modes costs a call too). Only a read or a
+            # send that would block sets the timeout (see _recv, Response._sendall).
+            self.sock_timeout = None
+        else:
+            self.sock_timeout = self.tick
+            sock.settimeout(self.tick)
         self.ready: deque[Request] = deque()  # heads complete, not yet served
         self.current: Request | None = None    # the message being parsed
         self.in_head = False
@@ -304,7 +271,14 @@ class RequestReader:
         """One recv fed to the parser; False on EOF, timeout, reset or after a parse stop."""
         if self.done:
             return False
-        if self.sock_timeout == self.tick and not (head and self.in_head):
+        if self.sock_timeout is None:
+            try:  # the usual case: a whole head or body chunk is already there
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = self._recv(head, timed_out=False)
+            except OSError:
+                data = b""
+        elif self.sock_timeout == self.tick and not (head and self.in_head):
             try:  # the usual case: a whole head or body chunk is already there
                 data = self.sock.recv(RECV_SIZE)
             except TimeoutError:
@@ -313,6 +287,24 @@ class RequestReader:
                 data = b""
         else:
             data = self._recv(head, timed_out=False)
+        return self._take(data)
+
+    def read_now(self) -> bool:
+        """One read that never waits (blocking sockets only): True when bytes (or
+        the end of the connection) came, so next_request() will not wait."""
+        if self.sock_timeout is not None or self.done:
+            return False
+        try:
+            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        self._take(data)
+        return True
+
+    def _take(self, data: bytes) -> bool:
+        """Feed what one recv gave to the parser; False at EOF."""
         if not data:
             self.eof = True
             return False
@@ -338,15 +330,15 @@ class RequestReader:
         return True
 
     def _recv(self, head: bool, timed_out: bool) -> bytes:
-        """Wait for one recv; b"" on EOF, reset or read_timeout. The socket
-        timeout is at most READ_TICK, so a silent client wakes us to call
-        on_wait (the heartbeat) and to end a late head (RequestTimeout)."""
-        waited = 0.0
+        """Wait for one recv; b"" on EOF, reset or read_timeout. A wait lasts at
+        most READ_TICK, so a silent client wakes us to call on_wait (the
+        heartbeat) and to end a late head (RequestTimeout)."""
+        waited, last = 0.0, self.sock_timeout
         while True:
             if timed_out:
                 if self.on_wait is not None:
                     self.on_wait()
-                waited += self.sock_timeout
+                waited += last
                 if waited >= self.read_timeout:
                     return b""
             timeout = self.tick
@@ -355,6 +347,17 @@ class RequestReader:
                 if remaining <= 0:
                     raise RequestTimeout("request head not complete within header_timeout")
                 timeout = remaining  # wake right at the deadline
+            last = timeout
+            if self.sock_timeout is None:  # a blocking socket stays so: poll, then recv
+                timed_out = not self._readable(timeout)
+                if timed_out:
+                    continue
+                try:
+                    return self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue  # readable, then not (another reader cannot be: rare)
+                except OSError:
+                    return b""
             if self.sock_timeout != timeout:
                 self.set_timeout(timeout)
             try:
@@ -363,6 +366,12 @@ class RequestReader:
                 timed_out = True
             except OSError:
                 return b""
+
+    def _readable(self, timeout: float) -> bool:
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(self.poller.poll(timeout * 1000))
 
     def head_late(self, now: float | None = None) -> bool:
         """Whether a head is being read past header_timeout. For workers that
@@ -375,88 +384,13 @@ class RequestReader:
 
     def for_sending(self) -> None:
         """Before a response: sendall() counts its timeout over the whole send, so
-        the short read tick would cut off a slow reader."""
+        the short read tick would cut off a slow reader (and a blocking socket
+        would wait for it without end)."""
         if self.sock_timeout != self.read_timeout:
             self.set_timeout(self.read_timeout)
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._parse_stopped(exc)
-
-    def _parse_stopped(self, exc: Exception) -> None:
-        if isinstance(exc, httptools.HttpParserUpgrade):
-            # Upgrade/CONNECT: WSGI cannot hand over the socket, so serve the
-            # request as plain HTTP and parse nothing after it.
-            self.done = True
-            req = self.current
-            if req is not None:
-                req.keep_alive = False
-                req.complete = True
-        elif isinstance(exc, (httptools.HttpParserInvalidMethodError,
-                              httptools.HttpParserInvalidURLError)):
-            if not self._relax(isinstance(exc, httptools.HttpParserInvalidURLError)):
-                self._stop(BadRequest(str(exc)))
-        elif str(exc) == "Invalid HTTP version" and self.refusal is None:
-            # llhttp's reason for 1.2 (served as 1.1) as for 3.0 (answered 505).
-            if not self._relax(True):
-                self._stop(BadRequest(str(exc)))
-        else:
-            self._stop(self.refusal or BadRequest(str(exc)))
-
-    def _stop(self, error: HTTPError) -> None:
-        """Parsing ends here: requests queued before this one are still served."""
-        self.done = True
-        self.error = error
-        req = self.current
-        if req is not None and not req.complete and self.ready and self.ready[-1] is req:
-            self.ready.pop()  # its body or trailers are bad: answer the error, not the app
-        elif req is not None and not self.in_head and not req.complete:
-            req.broken = True
-
-    # -- the relaxed request line (extension methods, UTF-8 targets) ------------
-
-    def _relax(self, url_refused: bool) -> bool:
-        """llhttp refused the method or the target of the head being read; if that
-        head began at a known place, wait for its request line and parse it again
-        relaxed (validate.relax_request_line). False: answer 400."""
-        if self.head_chunks is None or self.heads_begun != 1 or self.relaxed is not None:
-            return False  # e.g. the second of two pipelined requests in one recv
-        self.keep_method = url_refused
-        data = b"".join(self.head_chunks).lstrip(b"\r\n")
-        self.head_chunks = None
-        self.pending_line = b""
-        self._relax_pending(data)
-        return True
-
-    def _relax_pending(self, data: bytes) -> None:
-        line = self.pending_line + data
-        end = line.find(b"\n")
-        if end < 0:
-            if self.limit_line and len(line) > self.limit_line + 2:
-                self._stop(URITooLong("request line too long"))
-            self.pending_line = line
-            return
-        self.pending_line = None
-        if line[end - 1:end] != b"\r":
-            self._stop(BadRequest("request line not ended by CRLF"))
-            return
-        try:
-            head, method, target = relax_request_line(line[:end - 1], self.keep_method)
-        except HTTPError as exc:
-            self._stop(exc)
-            return
-        self.relaxed = (method, target)
-        self.parser = httptools.HttpRequestParser(self)
-        self.head_chunks = None
-        self._feed(head + line[end - 1:])
-
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""
-        if self.poller is None:
-            self.poller = select.poll()
-            self.poller.register(self.sock.fileno(), select.POLLIN)
         deadline = time.monotonic() + timeout
         while True:
             if should_continue is not None and not should_continue():
@@ -464,5 +398,5 @@ class RequestReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self.poller.poll(min(remaining, IDLE_POLL_INTERVAL) * 1000):
+            if self._readable(min(remaining, IDLE_POLL_INTERVAL)):
                 return True

@@ -252,9 +252,8 @@ class Worker:
 
     def wait_readable(self, selector: selectors.BaseSelector, timeout: float) -> list:
         events = selector.select(timeout)
-        try:
-            while self.wake_r.recv(4096):
-                pass
+        try:  # one read: what is left (over 4 KiB of wakeups) wakes the next select
+            self.wake_r.recv(4096)
         except (BlockingIOError, InterruptedError):
             pass
         return events

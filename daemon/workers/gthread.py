@@ -24,7 +24,6 @@ import queue
 import selectors
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .. import handoff
 from ..access import RequestLog
@@ -56,14 +55,20 @@ class ThreadWorker(Worker):
             self.stop_serving()
         finally:
             self.selector.close()
-            self.pool.shutdown(wait=False)
+            for _ in self.pool:
+                self.jobs.put(None)  # each thread ends after its connection in hand
 
     def setup_poller(self) -> None:
         cfg = self.cfg
         self.threads = cfg["threads"]
         self.keepalive = cfg["keepalive"]
         self.header_timeout = cfg["header_timeout"] or READ_TIMEOUT  # 0: only the read timeout
-        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="appd-worker")
+        # Plain threads on a queue: a ThreadPoolExecutor adds a Future, a work
+        # item and a semaphore to every request.
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()   # Kept connections for the threads
+        self.pool = [threading.Thread(target=self.run_thread, name=f"appd-worker_{i}", daemon=True)
+                     for i in range(self.threads)]
+        self.wake_pending = False  # a thread has written the wake byte the poller has not seen
         self.access_log = RequestLog(self)
         self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
         self.busy = 0                                         # connections handed to threads
@@ -80,11 +85,15 @@ class ThreadWorker(Worker):
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.listening = [(l.sock, server_info(l, cfg, multithread=True), l.name) for l in self.listeners]
         self.accepting = False
+        for thread in self.pool:  # last: the limits above are logged as early as before
+            thread.start()
         self.set_accepting(True)
 
     def poll_once(self) -> None:
         timeout = min(self.until_next_heartbeat(), POLL_INTERVAL)
-        for key, _ in self.wait_readable(self.selector, timeout):
+        events = self.wait_readable(self.selector, timeout)
+        self.wake_pending = False  # before take_returned(): a later return writes again
+        for key, _ in events:
             if key.data is None:
                 continue
             kind, value = key.data
@@ -205,23 +214,32 @@ class ThreadWorker(Worker):
             self.busy += 1
             kept = self.waiting.popleft()
             self.serving_since[id(kept)] = time.monotonic()
-            self.pool.submit(self.run_connection, kept)
+            self.jobs.put(kept)
+
+    def run_thread(self) -> None:
+        while (kept := self.jobs.get()) is not None:
+            try:
+                self.run_connection(kept)
+            except BaseException:  # e.g. the app's sys.exit(): the thread must live on
+                self.log.exception("connection_failed")
 
     def run_connection(self, kept: Kept) -> None:
         keep = False
         try:
             should_continue = self.should_continue if kept.transferable else self.still_serving
             keep = kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
-                                         self.count_request_locked, park=True)
+                                         self.count_request_locked, park=True, read_ahead=self.still_serving)
         except Exception:
             self.log.exception("connection_failed")
             kept.close()
         finally:
             self.returned.put((kept, keep))
-            try:
-                self.wake_w.send(b"\0")
-            except BlockingIOError:
-                pass  # the poller is already woken
+            if not self.wake_pending:  # one wake byte until the poller has woken
+                self.wake_pending = True
+                try:
+                    self.wake_w.send(b"\0")
+                except BlockingIOError:
+                    pass  # the poller is already woken
 
     def take_returned(self) -> None:
         while True:

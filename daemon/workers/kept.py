@@ -30,11 +30,11 @@ class Tap:
         self.raw = bytearray()
         self.overflow = False
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0) -> bytes:
         if self.pending:
             data, self.pending = self.pending, b""
         else:
-            data = self.sock.recv(size)
+            data = self.sock.recv(size, flags)
         if not self.overflow:
             if len(self.raw) + len(data) > RECORD_LIMIT:
                 self.overflow = True

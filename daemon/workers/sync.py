@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import selectors
+import socket
 import time
 
 from ..http import ServerInfo, handle_connection
@@ -30,6 +31,24 @@ def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
                       multithread=multithread, setup=connection_setup(listener, cfg))
 
 
+class Acceptor:
+    """listener.accept() for the per-connection hot path: socket.accept() turns the
+    family and type into IntEnums on every call. The new socket is blocking
+    (accept4 without SOCK_NONBLOCK, no default timeout) as socket.accept() makes it
+    from a non-blocking listener."""
+
+    __slots__ = ("sock", "_accept", "family", "type", "proto")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._accept = sock._accept
+        self.family, self.type, self.proto = int(sock.family), int(sock.type), sock.proto
+
+    def accept(self) -> tuple[socket.socket, object]:
+        fd, addr = self._accept()
+        return socket.socket(self.family, self.type, self.proto, fd), addr
+
+
 class SyncWorker(Worker):
     busy_since: float | None = None
 
@@ -38,10 +57,10 @@ class SyncWorker(Worker):
             return 0, 0.0
         return 1, time.monotonic() - self.busy_since
     def serve(self) -> None:
-        sockets = [(l.sock, server_info(l, self.cfg)) for l in self.listeners]
+        sockets = [(Acceptor(l.sock), server_info(l, self.cfg)) for l in self.listeners]
         selector = selectors.DefaultSelector()
-        for sock, _ in sockets:
-            selector.register(sock, selectors.EVENT_READ)
+        for acceptor, _ in sockets:
+            selector.register(acceptor.sock, selectors.EVENT_READ)
         selector.register(self.wake_r, selectors.EVENT_READ)
         access_log = RequestLog(self)
         app = self.app
@@ -65,7 +84,7 @@ class SyncWorker(Worker):
 
     def accept_one(self, sock, info, app, access_log) -> int:
         try:
-            conn, addr = sock.accept()
+            conn, addr = sock.accept()  # an Acceptor
         except OSError as exc:
             if exc.errno in _ACCEPT_ERRORS:
                 return 0
@@ -74,7 +93,7 @@ class SyncWorker(Worker):
                 raise
             time.sleep(pause)  # one connection at a time: nothing else to do meanwhile
             return 0
-        conn.setblocking(True)
+        # accept() gives a blocking socket (accept4 without SOCK_NONBLOCK): no setblocking call.
         self.report_busy()
         self.busy_since = time.monotonic()
         try:

@@ -86,6 +86,8 @@ def fmt(value, unit: str) -> str:
         return f"{value / 1024 / 1024:.1f} MB"
     if unit == "fraction":
         return f"{value * 100:.0f} %"
+    if unit == "us":
+        return f"{value:,.0f} µs"
     if unit == "count":
         return f"{value:,d}"
     return f"{value:g}"

@@ -19,7 +19,7 @@ from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
 from fleet import fleet
 from policies import policies
-from throughput import flask_throughput, gthread_throughput, hello_throughput
+from throughput import fastest_servers, flask_throughput, gthread_throughput, hello_throughput
 from conformance_bench import conformance
 from slow_heads import slow_heads
 
@@ -319,6 +319,8 @@ def metrics(ctx: Context):
 SCENARIOS = {
     "hello": (hello_throughput, "1. hello-world WSGI throughput, 2 and 4 workers"),
     "flask": (flask_throughput, "2. Flask throughput, 2 and 4 workers"),
+    "throughput": (fastest_servers, "2c. hello WSGI and Flask beside gunicorn, granian and uWSGI, "
+                                    "2 workers, sync and gthread keep-alive"),
     "gthread": (gthread_throughput, "2b. gthread (4 threads, keep-alive) throughput, 32 and 100 connections"),
     "zero-downtime": (zero_downtime, "3. upgrades and reloads under load"),
     "upgrade-time": (upgrade_time, "4. seconds per upgrade, 4 workers"),

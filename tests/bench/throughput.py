@@ -9,7 +9,9 @@ import resource
 import psutil
 
 import load
+import wsgi_servers
 from common import FLASK, HELLO, NOISY, Context, Row, median
+from servers import BenchError
 
 
 # --- 1 and 2: throughput -------------------------------------------------------
@@ -46,6 +48,9 @@ def _measure_throughput(ctx: Context, server, seconds: float, connections: int =
         result = load.run_pyload(server.address, seconds, connections=connections)
     after = (_busy_cpu_seconds(), _tree_cpu_seconds(pids), _children_cpu_seconds())
     busy, ours, client = (b - a for a, b in zip(before, after))
+    result["server_cpu_s"] = ours
+    if result.get("requests"):  # the server's CPU per request: steadier than req/s on a busy machine
+        result["server_cpu_us_per_request"] = ours / result["requests"] * 1e6
     result["other_cpu_s"] = max(0.0, busy - ours - client)
     result["other_cpu_share"] = result["other_cpu_s"] / (seconds * (os.cpu_count() or 1))
     return result
@@ -125,4 +130,95 @@ def gthread_throughput(ctx):
             connections=connections, show_errors=connections > 32, show_max=connections > 32,
             threads=4, keepalive=5)
         rows += r
+    return rows, raw
+
+
+# --- the fastest Python servers side by side (issue 20) ---------------------------
+
+# Targets for appd / other server, requests/s (issue 20).
+VERSUS_TARGETS = {("hello", "granian"): 0.7, ("flask", "granian"): 1.0,
+                  ("hello", "gunicorn"): 2.5, ("flask", "gunicorn"): 2.5}
+
+
+def _servers_for(ctx: Context, app: str, workers: int, threads: int | None):
+    """appd, gunicorn, granian, uWSGI (and appd-base when APPD_BENCH_BASELINE is
+    set), each with `workers` processes; `threads` for keep-alive (gthread) rows."""
+    options = {"threads": threads, "keepalive": 5} if threads else {}
+    kinds = [("appd", lambda: ctx.appd(app, workers, **options)),
+             ("gunicorn", lambda: ctx.gunicorn(app, workers, **options)),
+             ("granian", lambda: wsgi_servers.GranianWsgiServer(app, workers, ctx.dir("granian"), **options)),
+             ("uwsgi", lambda: wsgi_servers.UwsgiServer(app, workers, ctx.dir("uwsgi"), **options))]
+    if wsgi_servers.baseline_wanted():
+        kinds.insert(1, ("appd-base", lambda: wsgi_servers.BaselineAppdServer(
+            app, workers, ctx.dir("appd-base"), **options)))
+    wanted = os.environ.get("APPD_BENCH_SERVERS")  # e.g. "appd,appd-base": a quick before/after
+    if wanted:
+        kinds = [(kind, make) for kind, make in kinds if kind in wanted.split(",")]
+    return kinds
+
+
+def versus(ctx: Context, label: str, app_name: str, app: str, threads: int | None, workers: int = 2):
+    """One row group: every server started at once (idle but up, so a drift of
+    the machine hits all alike), warmed up, then measured in rounds whose order
+    rotates. Returns rows appd vs each other server, and the raw runs."""
+    runs: dict[str, list] = {}
+    started = []
+    try:
+        for kind, make in _servers_for(ctx, app, workers, threads):
+            try:
+                started.append(make().start())
+            except BenchError as exc:  # a server that cannot run here is a missing row, not a failed bench
+                ctx.log(f"  {label}: {kind} did not start: {str(exc).splitlines()[0]}")
+        for server in started:
+            _measure_throughput(ctx, server, 2.0)  # warm-up, not counted
+        rounds = max(ctx.runs, 2)
+        for i in range(rounds):
+            order = started[i % len(started):] + started[:i % len(started)]
+            for server in order:
+                result = _measure_throughput(ctx, server, ctx.wrk_seconds)
+                runs.setdefault(server.kind, []).append(result)
+                ctx.log(f"  {label} {server.kind}: {result['rps']:.0f} req/s, p99 {result['p99_s'] * 1000:.1f} ms, "
+                        f"server CPU {result.get('server_cpu_us_per_request', 0):.0f} µs/request, "
+                        f"errors {result['errors']}, other processes {result['other_cpu_share']:.0%} of the CPU")
+    finally:
+        for server in started:
+            server.stop()
+    rps = {k: median(r["rps"] for r in v) for k, v in runs.items()}
+    p99 = {k: median(r["p99_s"] for r in v) for k, v in runs.items()}
+    cpu = {k: median(r.get("server_cpu_us_per_request") for r in v) for k, v in runs.items()}
+    other = max((r["other_cpu_share"] for v in runs.values() for r in v), default=0.0)
+    noisy = f"noisy: other processes took up to {other:.0%} of the CPU" if other > NOISY else ""
+    scenario = f"{label}, {workers} workers"
+    rows = []
+    for kind in [k for k in runs if k != "appd"]:
+        goal = VERSUS_TARGETS.get((app_name, kind))
+        ok = None if goal is None or "appd" not in rps else rps["appd"] >= goal * rps[kind]
+        rows.append(Row(scenario, f"requests/s vs {kind}", rps.get("appd"), rps[kind], "rps",
+                        f"≥ {goal}×" if goal else "", ok, note=noisy))
+        rows.append(Row(scenario, f"p99 latency vs {kind}", p99.get("appd"), p99[kind], "s"))
+        rows.append(Row(scenario, f"server CPU µs per request vs {kind}", cpu.get("appd"), cpu[kind], "us"))
+    errors = sum(r["errors"] for r in runs.get("appd", []))
+    rows.append(Row(scenario, "appd errors (all runs)", errors, None, "count", "0", errors == 0))
+    return rows, {"runs": runs, "workers": workers, "threads": threads, "app": app}
+
+
+def fastest_servers(ctx: Context):
+    """hello WSGI and Flask, 2 workers each: per connection (appd and gunicorn
+    sync, uWSGI --http-socket) and keep-alive (gthread with 4 threads, uWSGI
+    --http11-socket with 4 threads); granian keeps connections alive in both."""
+    if not ctx.use_wrk:
+        ctx.log("  throughput: skipped, needs wrk")
+        return [Row("throughput vs granian, uWSGI", "requests/s", None, None, "rps", note="skipped: needs wrk")], {}
+    rows, raw = [], {}
+    apps = os.environ.get("APPD_BENCH_APPS", "hello,flask").split(",")
+    modes = os.environ.get("APPD_BENCH_MODES", "sync,gthread").split(",")
+    for app_name, app, app_label in (("hello", HELLO, "hello WSGI"), ("flask", FLASK, "Flask")):
+        if app_name not in apps:
+            continue
+        for threads, mode in ((None, "sync, per connection"), (4, "gthread 4 threads, keep-alive")):
+            if ("gthread" if threads else "sync") not in modes:
+                continue
+            label = f"{app_label} {mode}"
+            r, raw[label] = versus(ctx, label, app_name, app, threads)
+            rows += r
     return rows, raw

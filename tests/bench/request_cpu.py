@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""CPU time of appd's HTTP layer per request, without the worker loop: the
+server side runs appd.http.handle_connection in this process (a hello app),
+a forked client sends the requests over loopback; the figure is this process's
+user + system CPU per request, which a busy machine disturbs far less than
+requests/s. Runs alternate between this checkout and APPD_BENCH_BASELINE's.
+
+    python tests/bench/request_cpu.py [--requests 20000] [--rounds 5] [--keepalive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUEST = b"GET /hello?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+
+
+def hello(environ, start_response):
+    body = b"Hello, world!\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def client(port: int, count: int, keepalive: bool) -> None:
+    def one(sock):
+        sock.sendall(REQUEST)
+        data = b""
+        while b"Hello, world!\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise SystemExit("server closed early")
+            data += chunk
+    if keepalive:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for _ in range(count):
+                one(sock)
+    else:
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                one(sock)
+
+
+def serve(count: int, keepalive: bool) -> float:
+    """Serve `count` requests; the server's CPU µs per request."""
+    from appd.http import ServerInfo, handle_connection
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    info = ServerInfo(server_name="127.0.0.1", server_port=str(port))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            client(port, count, keepalive)
+        finally:
+            os._exit(0)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    served = 0
+    while served < count:
+        conn, addr = listener.accept()
+        served += handle_connection(conn, addr, hello, info, keepalive=5.0 if keepalive else 0.0)
+        conn.close()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    os.waitpid(pid, 0)
+    listener.close()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu / count * 1e6
+
+
+def run_child(checkout: Path | None, count: int, keepalive: bool) -> float:
+    env = dict(os.environ)
+    if checkout is not None:  # that checkout's appd first on the path
+        packages = Path(f"/tmp/appd-request-cpu-{os.getpid()}")
+        packages.mkdir(exist_ok=True)
+        link = packages / "appd"
+        if not link.exists():
+            link.symlink_to(checkout / "daemon")
+        env["PYTHONPATH"] = str(packages)
+    out = subprocess.run([sys.executable, __file__, "--child", "--requests", str(count)]
+                         + (["--keepalive"] if keepalive else []),
+                         env=env, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout)["us_per_request"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--keepalive", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        serve(100, args.keepalive)  # warm-up: caches, first imports
+        print(json.dumps({"us_per_request": serve(args.requests, args.keepalive)}))
+        return
+    baseline = os.environ.get("APPD_BENCH_BASELINE")
+    kinds = {"appd": None, **({"appd-base": Path(baseline).resolve()} if baseline else {})}
+    results = {kind: [] for kind in kinds}
+    for _ in range(args.rounds):
+        for kind, checkout in kinds.items():
+            results[kind].append(run_child(checkout, args.requests, args.keepalive))
+    mode = "keep-alive" if args.keepalive else "a connection per request"
+    for kind, values in results.items():
+        values.sort()
+        print(f"{kind}: {values[len(values) // 2]:.1f} µs CPU per request (median of {len(values)}, "
+              f"{mode}; all: {', '.join(f'{v:.1f}' for v in values)})")
+    if baseline:
+        a, b = (sorted(results[k])[len(results[k]) // 2] for k in ("appd", "appd-base"))
+        print(f"appd / appd-base: {a / b:.2f}×")
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    main()
