@@ -24,6 +24,7 @@ import traceback
 from . import app as app_loading
 from . import hooks, log, master_boot, proc
 from .channel import Channel
+from .config import Settings
 from .loop import Loop
 from .master_reload import MasterReload
 from .master_report import DaemonReport
@@ -33,20 +34,18 @@ from .worker_handle import WorkerHandle
 from .workers import worker_class
 
 
-
 class MasterPhase(enum.StrEnum):
     BOOTING = "booting"    # workers gated: the generation is not ready yet
     SERVING = "serving"    # ready: the workers accept
     STOPPING = "stopping"  # drain or stop: no more spawning, exit once the workers are gone
 
 
-BOOTING, SERVING, STOPPING = MasterPhase.BOOTING, MasterPhase.SERVING, MasterPhase.STOPPING
 EXIT_BOOT_FAILED = 3
 _MAX_SPAWN_BACKOFF = 10.0
 
 
 class Master:
-    def __init__(self, cfg: dict, target: int, listeners: list, channel_sock: socket.socket,
+    def __init__(self, cfg: Settings, target: int, listeners: list, channel_sock: socket.socket,
                  generation: int, daemon_pid: int):
         self.cfg = cfg
         self.target = target
@@ -54,7 +53,7 @@ class Master:
         self.generation = generation
         self.daemon_pid = daemon_pid
         self.pid = os.getpid()
-        self.phase = BOOTING
+        self.phase = MasterPhase.BOOTING
         self.workers: dict[int, WorkerHandle] = {}
         self.serials = itertools.count(1)
         self.app = None
@@ -72,16 +71,16 @@ class Master:
     # --- the story ---
 
     def run(self) -> int:
-        proc.set_title(f"appd: master gen {self.generation}", self.cfg.get("proc_name"))
+        proc.set_title(f"appd: master gen {self.generation}", self.cfg.proc_name)
         self.loop.catch(MASTER_SIGNALS, self.on_signal)
         if self.generation > 1:  # gunicorn calls it as a USR2 re-exec starts the new master
             self.gunicorn_hook("pre_exec")
         self.gunicorn_hook("nworkers_changed", self.target, None)
-        if self.cfg["preload_app"] and not self.preload():
+        if self.cfg.preload_app and not self.preload():
             return EXIT_BOOT_FAILED
         self.gunicorn_hook("on_starting")
         self.gunicorn_hook("when_ready")  # gunicorn: listeners ready, workers not yet spawned
-        self.log.info("master_started", workers=self.target, worker_class=self.cfg["worker_class"])
+        self.log.info("master_started", workers=self.target, worker_class=self.cfg.worker_class)
         while self.loop.running:
             self.manage_workers()
             self.report.send()
@@ -89,7 +88,7 @@ class Master:
             self.reap_workers()
             self.murder_workers()
             self.recycle_workers()
-            if self.phase is STOPPING and not self.workers:
+            if self.phase is MasterPhase.STOPPING and not self.workers:
                 break
         self.report.send(force=True)
         self.channel.flush_and_close()
@@ -99,7 +98,7 @@ class Master:
 
     def preload(self) -> bool:
         try:
-            self.app = app_loading.load_app(self.cfg["app"])
+            self.app = app_loading.load_app(self.cfg.app)
         except BaseException:
             text = traceback.format_exc()
             sys.stderr.write(text)
@@ -117,12 +116,12 @@ class Master:
 
     @property
     def worker_cls(self):
-        return worker_class(self.cfg["worker_class"])
+        return worker_class(self.cfg.worker_class)
 
     def spawn_worker(self) -> None:
         serial = next(self.serials)
         self.gunicorn_hook("pre_fork", hooks.HandleView(None, self.server.log, serial))
-        pid, sock = fork_worker(self, serial, gated=self.phase is BOOTING)
+        pid, sock = fork_worker(self, serial, gated=self.phase is MasterPhase.BOOTING)
         handle = WorkerHandle(pid, sock, serial, heartbeats=self.worker_cls.HEARTBEAT)
         self.workers[pid] = handle
         self.loop.add_reader(sock, lambda mask, h=handle: self.on_worker_report(h))
@@ -152,33 +151,33 @@ class Master:
                     handle.force(signal.SIGKILL)
             elif not handle.ready:
                 self.check_boot(handle, now)
-            elif handle.hung(now, self.cfg["timeout"]):
-                self.log.error("worker_timeout", worker=handle.pid, timeout=self.cfg["timeout"],
+            elif handle.hung(now, self.cfg.timeout):
+                self.log.error("worker_timeout", worker=handle.pid, timeout=self.cfg.timeout,
                                detail="SIGABRT, then SIGKILL")
                 handle.force(signal.SIGABRT)
 
     def check_boot(self, handle: WorkerHandle, now: float) -> None:
         if self.quiet_ready(handle, now):
             self.on_worker_ready(handle)
-        elif now - handle.spawned_at > self.cfg["boot_timeout"]:
-            handle.boot_error = f"not ready within boot_timeout ({self.cfg['boot_timeout']} s)"
+        elif now - handle.spawned_at > self.cfg.boot_timeout:
+            handle.boot_error = f"not ready within boot_timeout ({self.cfg.boot_timeout} s)"
             self.log.error("worker_boot_timeout", worker=handle.pid)
             handle.force(signal.SIGKILL)
 
     def quiet_ready(self, handle: WorkerHandle, now: float) -> bool:
         """A command worker that never speaks READY=1 counts as ready after ready_delay."""
-        delay = self.cfg["ready_delay"]
-        return (self.cfg["worker_class"] == "command" and delay > 0
+        delay = self.cfg.ready_delay
+        return (self.cfg.worker_class == "command" and delay > 0
                 and now - handle.spawned_at >= delay)
 
     def manage_workers(self) -> None:
         """Keep `target` incoming workers; retire outgoing ones once enough are ready."""
-        if self.phase is STOPPING:
+        if self.phase is MasterPhase.STOPPING:
             return
         incoming = [h for h in self.workers.values() if h.counts_toward_target()]
         missing = self.target - len(incoming)
         if self.bounded_surge:  # max_surge: never more than target + max_surge processes
-            missing = min(missing, self.target + self.cfg["max_surge"] - len(self.workers))
+            missing = min(missing, self.target + self.cfg.max_surge - len(self.workers))
         if missing > 0 and time.monotonic() >= self.spawn_not_before:
             self.spawn_workers(missing)
         elif missing < 0:
@@ -193,7 +192,7 @@ class Master:
 
     @property
     def bounded_surge(self) -> bool:
-        return 0 < (self.cfg.get("max_surge") or 0) < self.target
+        return 0 < self.cfg.max_surge < self.target
 
     def stop_outgoing(self, ready: int) -> None:
         """Stop replaced workers once their successors are ready: all at once, or with
@@ -207,13 +206,13 @@ class Master:
             self.report.dirty = True
 
     def check_progress(self, ready: int) -> None:
-        if self.phase is BOOTING and ready >= self.target:
+        if self.phase is MasterPhase.BOOTING and ready >= self.target:
             self.declare_ready(ready)
         if self.reload:
             self.reload.progress(ready)
 
     def declare_ready(self, ready: int) -> None:
-        self.phase = SERVING
+        self.phase = MasterPhase.SERVING
         self.log.info("generation_ready", workers=ready)
         self.report.send(force=True)  # the daemon's table is current when it hears "ready"
         for handle in self.workers.values():
@@ -227,16 +226,16 @@ class Master:
         if getattr(self.worker_cls, "TAKES_HANDOFF", False):
             handle.send("HANDOFF=1")
         handle.stop_cause = handle.stop_cause or ("retire" if handle.outgoing() else "scale")
-        handle.stop(self.worker_cls.GRACEFUL_SIGNAL, self.cfg["graceful_timeout"])
+        handle.stop(self.worker_cls.GRACEFUL_SIGNAL, self.cfg.graceful_timeout)
 
     def stop_workers(self, graceful: bool, sweep: bool = False, timeout: float | None = None,
                      handoff: bool = False) -> None:
         """Stop the generation: graceful (optionally serving the backlog first) or quick.
         handoff: the daemon says the serving generation takes idle connections."""
-        self.phase = STOPPING
+        self.phase = MasterPhase.STOPPING
         cls = self.worker_cls
         if graceful:
-            signum, grace = (cls.DRAIN_SIGNAL if sweep else cls.GRACEFUL_SIGNAL), self.cfg["graceful_timeout"]
+            signum, grace = (cls.DRAIN_SIGNAL if sweep else cls.GRACEFUL_SIGNAL), self.cfg.graceful_timeout
         else:
             signum, grace = cls.QUICK_SIGNAL, 2.0
         grace = timeout if timeout is not None else grace
@@ -269,7 +268,7 @@ class Master:
             return
         reason, output = handle.boot_failure(how)
         self.log.error("worker_boot_failed", worker=handle.pid, status=how)
-        if self.phase is BOOTING:
+        if self.phase is MasterPhase.BOOTING:
             self.channel.send({"t": "boot_failed", "reason": reason, "output": output})
             self.exit_code = EXIT_BOOT_FAILED
             # Graceful: workers still booting exit at once, booted ones may hold a request.
@@ -316,7 +315,7 @@ class Master:
             self.reopen_logs()
 
     def on_daemon_gone(self, channel, reason: str) -> None:
-        if self.phase is not STOPPING:
+        if self.phase is not MasterPhase.STOPPING:
             self.log.warning("daemon_gone", reason=reason, detail="stopping gracefully")
             self.stop_workers(graceful=True)
 
@@ -330,7 +329,7 @@ class Master:
             self.gunicorn_hook("nworkers_changed", target, old)
 
     def start_reload(self, settings: dict) -> None:
-        if self.phase is not SERVING or self.reload:
+        if self.phase is not MasterPhase.SERVING or self.reload:
             self.channel.send({"t": "reloaded", "ok": False, "reason": f"cannot reload while {self.phase}"})
             return
         self.reload = MasterReload(self, settings)
@@ -338,7 +337,7 @@ class Master:
 
     def recycle_workers(self) -> None:
         """max_worker_memory / max_worker_lifetime: replace one worker, successor first."""
-        if self.phase is not SERVING or self.reload:
+        if self.phase is not MasterPhase.SERVING or self.reload:
             return
         chosen = self.recycler.choose(self.workers.values(), time.monotonic())
         if chosen is None:
@@ -371,11 +370,11 @@ class Master:
 
     def call_hook(self, name: str) -> None:
         """appd's own master hooks (on_ready): f(master)."""
-        app_loading.call_hook(self.cfg.get(name), self, self.log.bind(hook=name))
+        app_loading.call_hook(getattr(self.cfg, name), self, self.log.bind(hook=name))
 
     def gunicorn_hook(self, name: str, *args) -> None:
         """gunicorn's master hooks: f(server, ...), with the adapter of hooks.py."""
-        hooks.call(self.cfg.get(name), self.log.bind(hook=name), self.server, *args)
+        hooks.call(getattr(self.cfg, name), self.log.bind(hook=name), self.server, *args)
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ from appdctl.protocol import FrameDecoder
 from . import handoff
 from . import listeners as listeners_mod
 from . import log, proc, process_setup
+from .config import Settings
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Boot:
     generation: int
     daemon_pid: int
     channel_sock: socket.socket
-    cfg: dict
+    cfg: Settings
     target: int
     listeners: list
     pending: list  # messages that came right after the settings
@@ -34,9 +35,9 @@ def prepare() -> Boot:
     channel_sock = socket.socket(fileno=int(os.environ["APPD_CHANNEL_FD"]))
     os.set_inheritable(channel_sock.fileno(), False)  # ours alone: no exec'd worker may hold it
     first, pending = read_config_message(channel_sock)
-    cfg = first["settings"]
-    log.configure(cfg["log_format"], cfg["log_level"], cfg["error_log"], generation=generation)
-    os.chdir(cfg["chdir"])
+    cfg = Settings(first["settings"])
+    log.configure(cfg.log_format, cfg.log_level, cfg.error_log, generation=generation)
+    os.chdir(cfg.chdir)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     process_setup.prepare(cfg)  # raw_env, pythonpath, umask, logging, then user/group

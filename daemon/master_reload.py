@@ -19,7 +19,7 @@ class MasterReload:
         self.master = master
         self.previous = master.cfg
         self.replaced: set[int] = set()  # pids of the workers this reload replaces
-        master.cfg = {**master.cfg, **settings}
+        master.cfg = master.cfg.updated(settings)
 
     def start(self) -> None:
         master = self.master
