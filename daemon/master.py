@@ -350,7 +350,7 @@ class Master:
 
     def retire(self, pid: int) -> None:
         handle = self.workers.get(pid)
-        if handle is None or not handle.counts_toward_target():
+        if handle is None or not handle.replaceable():
             self.channel.send({"t": "retired", "ok": False, "pid": pid,
                                "reason": f"no active worker with pid {pid} in generation {self.generation}"})
             return

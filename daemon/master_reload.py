@@ -24,7 +24,7 @@ class MasterReload:
     def start(self) -> None:
         master = self.master
         for handle in master.workers.values():
-            if handle.counts_toward_target():
+            if handle.replaceable():
                 handle.replace()
                 self.replaced.add(handle.pid)
         master.report.dirty = True
@@ -43,7 +43,7 @@ class MasterReload:
         for handle in master.workers.values():
             if handle.outgoing():
                 handle.keep()
-            elif handle.counts_toward_target():
+            elif handle.replaceable():
                 handle.stop(master.worker_cls.QUICK_SIGNAL, 2.0)
         self.finish(ok=False, reason=reason, output=output)
 

@@ -59,7 +59,13 @@ class WorkerHandle:
         return self.ready_at is not None
 
     def counts_toward_target(self) -> bool:
-        """Booting or serving, and staying: the workers manage_workers counts."""
+        """The workers manage_workers counts: booting or serving, and staying. A hung worker
+        the master killed counts until it is reaped, so that its successor is forked after
+        the reap (as gunicorn: murder, reap, then manage)."""
+        return self.replaceable() or (self.killed() and self.stop_sent_at is None)
+
+    def replaceable(self) -> bool:
+        """Booting or serving, and staying: a reload, retire or recycle may replace it."""
         return self.state in (WorkerState.BOOTING, WorkerState.READY)
 
     def serving(self) -> bool:
@@ -120,7 +126,7 @@ class WorkerHandle:
 
     def replace(self) -> None:
         """Mark it to be stopped once a successor is ready (reload, retire, recycle)."""
-        if self.counts_toward_target():
+        if self.replaceable():
             self.state = WorkerState.OUTGOING
 
     def keep(self) -> None:

@@ -60,8 +60,10 @@ def test_a_hung_worker_is_killed_and_shown_as_stopping(handle):
     assert not handle.hung(handle.last_heartbeat + 31, timeout=0), "timeout 0: no limit"
     handle.force(signal.SIGKILL, grace=2.0)
     assert handle.killed() and handle.status == "stopping" and not handle.stopping_gracefully()
+    assert handle.counts_toward_target(), "its successor is forked once it is reaped"
+    assert not handle.replaceable() and not handle.taking_requests()
     handle.stop(signal.SIGTERM, grace=30.0)  # a drain meanwhile does not make it graceful again
-    assert handle.killed()
+    assert handle.killed() and not handle.counts_toward_target()
     assert handle.overdue(handle.kill_at) and not handle.overdue(handle.kill_at - 1)
 
 
