@@ -1,243 +1,31 @@
 """Settings, declared once. Every other form (TOML key, APPD_* variable, --flag,
 help text, validation) is derived from the SETTINGS table below.
 
-Precedence: defaults < TOML file (--config) < APPD_* environment < flags.
+Precedence: defaults < TOML file (--config) < APPD_* environment < flags
+(the layering is config_load.py; the kinds of value, config_values.py).
+The result is one frozen Settings object, read as `cfg.workers` by the daemon
+and by each master alike.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import tomllib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 
-from appdctl.protocol import default_socket_path
+from appdctl.protocol import default_socket_path  # noqa: F401  (appd and appdctl share it)
+
+from .config_values import (  # noqa: F401  (_bool, _proxy_protocol, seconds: used by cli, commands)
+    _argv, _bind, _bool, _cert_reqs, _choice, _env_list, _hook, _int, _int_list, _json_table,
+    _mode, _optional_host_port, _optional_str, _proxy_protocol, _seconds, _size, _str, _str_list,
+    _str_map, _umask, seconds,
+)
 
 
 class ConfigError(Exception):
     """An invalid setting; the message names the setting, the bad value and where it came from."""
-
-
-# --- value parsers: each takes a TOML value or a string and returns the typed value ---
-
-_INT_MAX = 2 ** 31 - 1      # every integer setting ends up in a C int somewhere (listen, setrlimit)
-_SECONDS_MAX = 10.0 ** 9    # ~31 years: beyond this a timeout overflows C timevals
-
-
-def _int(minimum: int | None = None, maximum: int | None = _INT_MAX) -> Callable:
-    def parse(value):
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{value!r} is not an integer")
-        try:
-            number = int(value)
-        except ValueError:  # also Python's limit on digits in a string
-            raise ValueError(f"{_short(value)} is not an integer") from None
-        if minimum is not None and number < minimum:
-            raise ValueError(f"{number} is below the minimum {minimum}")
-        if maximum is not None and number > maximum:
-            raise ValueError(f"{number} is above the maximum {maximum}")
-        return number
-    parse.__name__ = "integer"
-    return parse
-
-
-def _short(value) -> str:
-    from appdctl.protocol import short
-    return short(value)
-
-
-def seconds(value):
-    """A duration: finite, not negative, not absurd. Shared with control arguments (drain --timeout)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a number of seconds")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{_short(value)} is not a number of seconds") from None
-    if math.isnan(number) or math.isinf(number):
-        raise ValueError(f"{_short(value)} is not a finite number of seconds")
-    if number < 0:
-        raise ValueError(f"{number} is negative")
-    if number > _SECONDS_MAX:
-        raise ValueError(f"{_short(value)} is above the maximum {_SECONDS_MAX:.0f} seconds")
-    return number
-
-
-_seconds = seconds
-
-
-def _bool(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{_short(value)} is not a boolean (use true or false)")
-
-
-def _str(value):
-    if not isinstance(value, str):
-        raise ValueError(f"{_short(value)} is not a string")
-    if "\0" in value:
-        raise ValueError(f"{_short(value)} contains a NUL character")
-    return value
-
-
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
-
-
-def _size(value):
-    """Bytes, as an integer or with a K/M/G suffix (powers of 1024): 0 means no limit."""
-    text = str(value).strip().upper() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    unit = text[-1:] if text and text[-1:] in _SIZE_UNITS else ""
-    try:
-        number = int(text[:len(text) - len(unit)]) if text else None
-    except ValueError:
-        number = None
-    if number is None or number < 0:
-        raise ValueError(f"{_short(value)} is not a size in bytes (e.g. 512M, 1G, 1048576)")
-    return number * _SIZE_UNITS[unit]
-
-
-def _optional_str(value):
-    if value is None or value == "":
-        return None
-    return _str(value)
-
-
-def _choice(*choices: str) -> Callable:
-    def parse(value):
-        if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"{_short(value)} is not one of {', '.join(choices)}")
-        return value
-    return parse
-
-
-def _str_list(value):
-    """A list from TOML, or a comma-separated string from the environment."""
-    if isinstance(value, str):
-        return [_str(part.strip()) for part in value.split(",") if part.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [_str(v) for v in value]
-    raise ValueError(f"{_short(value)} is not a list of strings")
-
-
-def _argv(value):
-    """A command line: a TOML list, or a shell-quoted string."""
-    if isinstance(value, str):
-        import shlex
-        return shlex.split(value)
-    return _str_list(value)
-
-
-def _int_list(value):
-    try:
-        return [int(v) for v in _str_list(value)] if isinstance(value, str) else [
-            _int()(v) for v in value]
-    except (TypeError, ValueError):
-        raise ValueError(f"{_short(value)} is not a list of integers") from None
-
-
-def _mode(value):
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    else:
-        try:
-            number = int(str(value), 8)
-        except ValueError:
-            raise ValueError(f"{_short(value)} is not an octal file mode such as 0600") from None
-    if not 0 <= number <= 0o777:
-        raise ValueError(f"{_short(value)} is not a file mode between 0000 and 0777")
-    return number
-
-
-def _hook(value):
-    value = _optional_str(value)
-    if value is not None and ":" not in value:
-        raise ValueError(f"{_short(value)} is not of the form module:function")
-    return value
-
-
-def _str_map(value):
-    """A TOML table of strings, or `NAME=VALUE,NAME=VALUE` from a flag or the environment."""
-    if isinstance(value, str):
-        pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError(f"{value!r} is not a list of NAME=VALUE pairs")
-        value = {name.strip(): text.strip() for name, text in pairs}
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ValueError(f"{value!r} is not a table of strings")
-    return {str(k): v for k, v in value.items()}
-
-
-def _json_table(value):
-    """A TOML table, or the same as JSON text from a flag or the environment."""
-    if isinstance(value, str):
-        import json
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except ValueError as exc:
-            raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{value!r} is not a table")
-    return value
-
-
-def _env_list(value):
-    """NAME=VALUE strings (gunicorn's raw_env)."""
-    pairs = _str_list(value) if isinstance(value, str) else _str_list(list(value))
-    for pair in pairs:
-        if "=" not in pair or not pair.split("=", 1)[0]:
-            raise ValueError(f"{pair!r} is not of the form NAME=VALUE")
-    return pairs
-
-
-def _umask(value):
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = int(value, 0) if value.lower().startswith("0o") else int(value, 8)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an octal umask such as 0o022") from None
-    return _mode(value)
-
-
-def _cert_reqs(value):
-    names = {"none": 0, "optional": 1, "required": 2}
-    if isinstance(value, str) and value.lower() in names:
-        return names[value.lower()]
-    return _int(0, 2)(value)
-
-
-def _proxy_protocol(value):
-    """off, v1, v2 or auto; gunicorn's older true/false mean auto/off."""
-    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
-        return "auto" if _bool(value) else "off"
-    return _choice("off", "v1", "v2", "auto")(value)
-
-
-def _optional_host_port(value):
-    """HOST:PORT or [V6]:PORT, or None (off)."""
-    if value in (None, ""):
-        return None
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    return str(value)
-
-
-def _bind(value):
-    from .listeners import parse_address
-    addresses = _str_list(value)
-    if not addresses:
-        raise ValueError("at least one address is needed")
-    for address in addresses:
-        parse_address(address)  # raises ValueError naming the address
-    return addresses
 
 
 @dataclass(frozen=True)
@@ -260,10 +48,6 @@ class Setting:
     @property
     def env(self) -> str:
         return "APPD_" + self.name.upper()
-
-
-def _default_log_format() -> str:
-    return "console" if sys.stderr.isatty() else "json"
 
 
 SETTINGS: list[Setting] = [
@@ -419,144 +203,89 @@ SETTINGS: list[Setting] = [
     Setting("on_exit", _hook, None, "master, as it exits: f(server)", metavar="MOD:FUNC"),
 ]
 BY_NAME = {s.name: s for s in SETTINGS}
-# Options of `appd start` that name the file itself are not read from the file.
-_NOT_IN_FILE = {"config"}
 
 
-@dataclass
-class Config:
-    values: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict)  # setting name -> where its value came from
-    notes: list = field(default_factory=list)  # lines to show at start (gunicorn settings not needed)
+class Settings:
+    """The effective settings, frozen: `cfg.workers`. The daemon gets one from load();
+    a master rebuilds one from the values the daemon sends (Settings(values)).
+    Read-only mapping access (`cfg["workers"]`, `cfg.get(...)`) stays for the worker
+    code that still uses it. `sources`: where each value came from; `notes`: lines
+    to show at start (gunicorn settings that are not needed)."""
 
-    def __getattr__(self, name):
+    __slots__ = ("_values", "_sources", "notes")
+
+    def __init__(self, values: Mapping, sources: Mapping | None = None, notes=()):
+        object.__setattr__(self, "_values", types.MappingProxyType(dict(values)))
+        object.__setattr__(self, "_sources", types.MappingProxyType(dict(sources or {})))
+        object.__setattr__(self, "notes", tuple(notes))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not a setting; and never recurse before _values is set
+            raise AttributeError(name)
         try:
-            return self.__dict__["values"][name]
+            return self._values[name]
         except KeyError:
-            raise AttributeError(name) from None
+            pass
+        if name not in BY_NAME:
+            raise AttributeError(name)
+        # Known but not sent: a daemon older than this master's code does not know it yet.
+        return BY_NAME[name].default
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"settings are frozen: cannot set {name} (use updated())")
+
+    @property
+    def values(self) -> dict:
+        """A plain copy (it crosses msgpack to masters and across re-exec)."""
+        return dict(self._values)
+
+    @property
+    def sources(self) -> dict:
+        return dict(self._sources)
+
+    def __reduce__(self):
+        return Settings, (self.values, self.sources, self.notes)
+
+    def updated(self, changes: Mapping) -> Settings:
+        """A copy with `changes` applied (a reload's new settings)."""
+        return Settings({**self._values, **changes}, self._sources, self.notes)
+
+    # Read-only mapping access, as a dict of the values.
+    def __getitem__(self, name: str):
+        return self._values[name]
+
+    def get(self, name: str, default=None):
+        return self._values.get(name, default)
+
+    def __contains__(self, name) -> bool:
+        return name in self._values
+
+    def keys(self):
+        return self._values.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Settings) and self._values == other._values
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Settings({dict(self._values)!r})"
 
 
-def _apply(values: dict, sources: dict, name: str, raw, source: str) -> None:
-    setting = BY_NAME[name]
-    try:
-        values[name] = setting.parse(raw)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-        where = f" (from {source})" if source else ""
-        raise ConfigError(f"invalid {name}{where}: {exc}") from None
-    sources[name] = source
+Config = Settings  # the daemon's older name
 
 
-def read_file(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1: TOML is UTF-8
-        raise ConfigError(f"config file {path} is not UTF-8 (TOML must be): byte "
-                          f"0x{exc.object[exc.start]:02x} at offset {exc.start}") from None
-    except (ValueError, RecursionError, MemoryError) as exc:  # e.g. nesting too deep, a huge number
-        raise ConfigError(f"config file {path} cannot be read: {type(exc).__name__}: "
-                          f"{str(exc)[:200]}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    # Accept both a flat file and one with an [appd] table.
-    if isinstance(data.get("appd"), dict):
-        data = data["appd"]
-    return data
-
-
-def load(flags: dict | None = None, environ=os.environ) -> Config:
-    """Build the effective config. `flags` maps setting names to values given on the command line.
-    gunicorn's layers (WEB_CONCURRENCY, gunicorn.conf.py, GUNICORN_CMD_ARGS) sit in between:
-    see daemon/gunicorn.py for the order."""
-    from . import gunicorn, gunicorn_sources
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    values = {s.name: s.default for s in SETTINGS}
-    sources = {s.name: "default" for s in SETTINGS}
-    notes: list[str] = []
-    for variable, name in gunicorn.ENV_DEFAULTS.items():  # WEB_CONCURRENCY: below every file
-        if environ.get(variable):
-            _apply(values, sources, name, environ[variable], variable)
-    config_path = (flags.get("config") or environ.get(BY_NAME["config"].env)
-                   or gunicorn_sources.cmd_args_config(environ) or gunicorn_sources.found_config())
-    if config_path:
-        _apply(values, sources, "config", config_path, _config_source(flags, environ))
-        if gunicorn_sources.is_python_config(config_path):
-            _apply_translation(values, sources, notes, gunicorn_sources.settings_from_python(config_path))
-        else:
-            for name, raw in read_file(config_path).items():
-                if name not in BY_NAME or name in _NOT_IN_FILE:
-                    raise ConfigError(f"unknown setting {_short(name)} in {config_path}")
-                _apply(values, sources, name, raw, config_path)
-    _apply_translation(values, sources, notes, gunicorn_sources.cmd_args(environ))
-    for setting in SETTINGS:
-        if setting.env in environ and setting.name != "config":
-            _apply(values, sources, setting.name, environ[setting.env], setting.env)
-    for name, raw in flags.items():
-        if name != "config":
-            _apply(values, sources, name, raw, BY_NAME[name].flag)
-    _finish(values)
-    _gthread_when_threaded(values, sources, notes)
-    return Config(values, sources, notes)
-
-
-def _config_source(flags: dict, environ) -> str:
-    if "config" in flags:
-        return "command line"
-    if BY_NAME["config"].env in environ:
-        return "environment"
-    return "GUNICORN_CMD_ARGS" if "GUNICORN_CMD_ARGS" in environ else "found in the current directory"
-
-
-def _apply_translation(values: dict, sources: dict, notes: list, translation) -> None:
-    """Apply settings read in gunicorn's forms; every one appd cannot honour is refused, one line each."""
-    if translation is None:
-        return
-    if translation.refused:
-        raise ConfigError("gunicorn settings appd cannot honour:\n  " + "\n  ".join(translation.refused))
-    notes.extend(f"not needed under appd: {line}" for line in translation.notes)
-    for name, raw in translation.values.items():
-        if name not in BY_NAME or name in _NOT_IN_FILE:
-            raise ConfigError(f"unknown setting {name!r} in {translation.sources[name]}")
-        _apply(values, sources, name, raw, translation.sources[name])
-
-
-def _gthread_when_threaded(values: dict, sources: dict, notes: list) -> None:
-    """gunicorn's rule: threads > 1 with no worker_class chosen means gthread."""
-    if values["threads"] > 1 and values["worker_class"] == "sync" and sources["worker_class"] == "default":
-        values["worker_class"], sources["worker_class"] = "gthread", "threads > 1 (gunicorn's rule)"
-        notes.append("worker_class = gthread because threads > 1 (as gunicorn does)")
-
-
-def _finish(values: dict) -> None:
-    """Fill the defaults that depend on the machine, and check settings against each other."""
-    if values["control_socket"] is None:
-        values["control_socket"] = default_socket_path()
-    if values["chdir"] is None:
-        values["chdir"] = os.getcwd()
-    if values["log_format"] is None:
-        values["log_format"] = _default_log_format()
-    if values["workers"] > values["max_workers"]:
-        raise ConfigError(f"invalid workers: {values['workers']} is above max_workers {values['max_workers']}")
-    if values["worker_class"] == "command" and not values["command"]:
-        raise ConfigError("invalid command: worker_class = command needs a command to run")
-    if values["worker_class"] == "asgi":
-        _refuse_what_asgi_lacks(values)
-
-
-# What the asgi worker does not do yet: refused by name rather than ignored.
-_NOT_IN_ASGI = {"certfile": "TLS", "proxy_protocol": "the PROXY protocol",
-                "pre_request": "WSGI request hooks", "post_request": "WSGI request hooks"}
-
-
-def _refuse_what_asgi_lacks(values: dict) -> None:
-    for name, what in _NOT_IN_ASGI.items():
-        if values.get(name) not in (None, "", "off", False):
-            raise ConfigError(f"invalid {name}: the asgi worker does not support {what} yet "
-                              "(terminate TLS and PROXY in front of appd, or use gthread)")
+def load(flags: dict | None = None, environ=os.environ) -> Settings:
+    """The effective settings: `flags` maps setting names to values given on the command line.
+    The layers and the checks are in config_load.py."""
+    from .config_load import load_settings
+    return load_settings(flags, environ)
 
 
 def settings_markdown() -> str:

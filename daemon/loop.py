@@ -104,6 +104,9 @@ class Loop:
             self.on_error(exc, getattr(callback, "__qualname__", repr(callback)))
 
     def close(self) -> None:
+        """Stop the signal wakeups and close the loop's descriptors. A forked worker calls it
+        on the master's loop it inherited: closing an epoll fd in the child unregisters
+        nothing in the parent, which keeps its own."""
         signal.set_wakeup_fd(-1)
         self.selector.close()
         self._wake_r.close()

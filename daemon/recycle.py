@@ -37,7 +37,7 @@ class Recycler:
             return None
         self.next_check = now + CHECK_EVERY
         handles = list(handles)
-        if any(h.outgoing or h.stop_sent_at is not None or not h.ready for h in handles):
+        if not all(h.serving() for h in handles):
             return None  # a replacement is already under way
         for handle in sorted(handles, key=lambda h: h.spawned_at):
             reason = self.reason(handle, now)

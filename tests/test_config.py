@@ -357,3 +357,30 @@ def test_asgi_worker_refuses_what_it_does_not_do_by_name(flags, named):
     with pytest.raises(config.ConfigError, match=f"invalid {named}: the asgi worker does not support"):
         config.load({"worker_class": "asgi", **flags}, environ={})
     assert config.load({"worker_class": "gthread", **flags}, environ={}).worker_class == "gthread"
+
+
+# --- the frozen Settings object, shared by the daemon and every master ---
+
+def test_settings_are_frozen_and_read_alike_by_attribute_and_key():
+    import msgpack
+    cfg = config.load({"workers": "3"}, environ={})
+    with pytest.raises(AttributeError, match="frozen"):
+        cfg.workers = 5
+    assert cfg.workers == cfg["workers"] == cfg.get("workers") == 3
+    assert "workers" in cfg and "no_such_setting" not in cfg
+    with pytest.raises(AttributeError):
+        cfg.no_such_setting
+    # What a master receives: the values over msgpack, rebuilt into the same type.
+    sent = msgpack.unpackb(msgpack.packb(cfg.values), raw=False)
+    received = config.Settings(sent)
+    assert received == cfg and received.bind == cfg.bind
+    reloaded = received.updated({"workers": 4})
+    assert (reloaded.workers, received.workers) == (4, 3), "updated() leaves the original alone"
+
+
+def test_a_setting_the_daemon_did_not_send_reads_as_its_default():
+    """A daemon older than the master's code sends fewer settings; attribute access
+    still answers, while mapping access says what was actually sent."""
+    received = config.Settings({"workers": 2})
+    assert received.max_surge == config.BY_NAME["max_surge"].default
+    assert received.get("max_surge") is None and "max_surge" not in received
