@@ -20,7 +20,9 @@ from .control import ControlServer, LogResponder
 from .generation import DRAINING, EXITED, FAILED, READY, SERVING, Generation
 from .loop import Loop
 from .metrics import MetricsState
-from .operations import Reload, Scale, Shutdown, Start, Stop, Upgrade
+from .probation import split_failures
+from .canary import upgrade_operation
+from .operations import Reload, Scale, Shutdown, Start, Stop
 
 # Settings only the daemon uses; a master gets everything else.
 _DAEMON_ONLY = {"config", "bind", "backlog", "unix_socket_mode", "pidfile", "control_socket", "control_socket_mode",
@@ -197,12 +199,14 @@ class Daemon:
     def generation_settings(self) -> dict:
         return {k: v for k, v in self.cfg.values.items() if k not in _DAEMON_ONLY}
 
-    def start_generation(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
+    def start_generation(self, extra_env: dict | None = None, target: int | None = None,
+                         settings: dict | None = None) -> Generation:
         """A new generation of `target` workers (default: the daemon's); without `extra_env`
-        it gets the serving one's (upgrade --env)."""
+        it gets the serving one's (upgrade --env). `settings` adds to the configured ones."""
         generation = Generation(self.next_generation, self.pid)
         generation.extra_env = dict(self.generation_env if extra_env is None else extra_env)
-        generation.spawn(self.loop, self.cfg.python, self.generation_settings(), target or self.target,
+        generation.spawn(self.loop, self.cfg.python, {**self.generation_settings(), **(settings or {})},
+                         target or self.target,
                          self.listeners, {**generation.extra_env, **self.handoff.env()},
                          self.on_generation_message)
         self.next_generation += 1
@@ -255,7 +259,9 @@ class Daemon:
         if message.get("t") == "workers":
             generation.snapshot = message
         elif message.get("t") == "metrics":
-            self.metrics.add_requests(message.get("requests") or {})
+            requests, failures = split_failures(message.get("requests") or {})
+            generation.outcomes.record(requests, failures, message.get("exits"))  # probation's input
+            self.metrics.add_requests(requests)
             for cause in message.get("exits") or ():
                 self.metrics.count("worker_exits", str(cause))
             return
@@ -484,7 +490,7 @@ class Daemon:
         if signum == signal.SIGHUP:
             self.begin(Reload(self, responder))
         elif signum == signal.SIGUSR2:
-            self.begin(Upgrade(self, responder))
+            self.begin(upgrade_operation(self, responder, {}))
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self.begin(Scale(self, responder, {"delta": 1 if signum == signal.SIGTTIN else -1}))
         elif signum == signal.SIGTERM and isinstance(self.operation, Shutdown) and self.operation.delaying:

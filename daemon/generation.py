@@ -14,6 +14,7 @@ import time
 
 from . import listeners as listeners_mod
 from .channel import Channel
+from .probation import Outcomes
 
 STARTING, READY, SERVING, DRAINING, EXITED, FAILED = (
     "starting", "ready", "serving", "draining", "exited", "failed")
@@ -45,6 +46,7 @@ class Generation:
         self.exit_status: str | None = None
         self.rolled_back = False  # drained because it failed to become ready: ends as "failed"
         self.extra_env: dict = {}  # upgrade --env it was started with
+        self.outcomes = Outcomes()  # requests, 5xx, crashes it had (probation and status)
 
     def spawn(self, loop, python: str, settings: dict, target: int, listeners: list,
               extra_env: dict, on_message) -> None:
@@ -150,4 +152,4 @@ class Generation:
                             "busy": worker.get("busy"), "request_age_s": worker.get("request_age_s")})
         return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
                 "ready_workers": self.snapshot.get("ready", 0), "workers": workers,
-                "replaced": self.snapshot.get("replaced", [])}
+                "replaced": self.snapshot.get("replaced", []), **self.outcomes.counts()}

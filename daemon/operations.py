@@ -79,7 +79,7 @@ class Upgrade(Operation):
         self.step = min(daemon.cfg.max_surge or daemon.target, daemon.target) if self.shrinking else daemon.target
         self.new_target = self.step
         try:
-            self.new = daemon.start_generation(extra_env=self.args.get("env"), target=self.step)
+            self.new = self.spawn_new(self.step)
         except OSError as exc:
             self._restore()
             self.fail(protocol.ROLLED_BACK, f"{self.name} rolled back: {exc}", reason=str(exc), output="")
@@ -87,6 +87,10 @@ class Upgrade(Operation):
         self.phase = "booting"
         self.deadline = time.monotonic() + daemon.cfg.boot_timeout
         self.progress("spawned", generation=self.new.id, master_pid=self.new.pid, target=daemon.target)
+
+    def spawn_new(self, target: int):
+        """The new generation (a probation upgrade asks its workers to report outcomes)."""
+        return self.daemon.start_generation(extra_env=self.args.get("env"), target=target)
 
     def on_message(self, generation, message: dict) -> None:
         if self.phase in ("shrinking_old", "growing_new"):

@@ -21,6 +21,7 @@ from appdctl import protocol
 
 from . import __version__
 from .metrics import MetricsState
+from .probation import Outcomes
 
 STATE_VERSION = 1
 STATE_FD_ENV = "APPD_DAEMON_STATE_FD"
@@ -124,6 +125,7 @@ def snapshot(daemon, client=None, request_id=None) -> dict:
             "ready_age": None if g.ready_at is None else time.monotonic() - g.ready_at,
             "channel_fd": g.channel.sock.fileno() if g.channel and not g.channel.closed else -1,
             "output_fd": g.output_fd, "snapshot": g.snapshot, "tail": list(g.tail), "env": g.extra_env,
+            "outcomes": g.outcomes.to_state(),
         } for g in daemon.generations if g.alive],
     }
 
@@ -208,6 +210,7 @@ def restore(daemon, state: dict) -> None:
         generation.ready_at = None if g["ready_age"] is None else now - g["ready_age"]
         generation.snapshot = g["snapshot"]
         generation.extra_env = g.get("env", {})
+        generation.outcomes = Outcomes(g.get("outcomes"))
         generation.tail.extend(g["tail"])
         generation.adopt(daemon.loop, g["channel_fd"], g["output_fd"], daemon.on_generation_message)
         daemon.generations.append(generation)

@@ -60,7 +60,9 @@ class Worker:
         self.serving = False  # until then a stop request ends the worker at once
         self.sweep = False
         self.requests = 0
-        self.counts = WorkerCounts() if cfg.get("metrics_bind") or cfg.get("statsd_host") else None
+        # report_outcomes: the daemon watches this generation on probation or as a canary.
+        self.counts = WorkerCounts() if (cfg.get("metrics_bind") or cfg.get("statsd_host")
+                                         or cfg.get("report_outcomes")) else None
         self.last_busy_report = 0.0
         self.last_heartbeat = 0.0
         self.log = None
