@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from conftest import wait_until
-from loadgen import Load
+from loadgen import KeepAliveLoad, Load
 from test_upgrade import start_myapp, worker_pids, write_app
 
 
@@ -62,11 +62,14 @@ def old_code_failures(load: Load) -> list:
 
 
 def test_probation_rolls_back_a_release_failing_30_percent_with_evidence(start_appd, tmp_path):
+    """Keep-alive clients (gthread) lose nothing either way: cutover hands their idle
+    connections to the new generation, the rollback resumes the old one and only then
+    drains the new one, which hands them back."""
     appd = start_myapp(start_appd, first_release(tmp_path), "-w", "2", "--probation", "20",
-                       "--rollback-min-requests", "20")
+                       "--rollback-min-requests", "20", "--worker-class", "gthread", "--threads", "4")
     old = appd.serving_generation()
     deploy(tmp_path, 2, write_failing_app, "n % 10 < 3")
-    with Load(appd.address, threads=4) as load:
+    with KeepAliveLoad(appd.address, clients=4) as load:
         code, result = appd.ctl_json("upgrade")
         load.wait_for(20)
     assert code == 1, result

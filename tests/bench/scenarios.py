@@ -18,6 +18,7 @@ from servers import BIN, AppdServer, BenchError, answering_pid, children, http_g
 from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
 from policies import policies
+from canary import canary
 from throughput import flask_throughput, gthread_throughput, hello_throughput
 from conformance_bench import conformance
 from slow_heads import slow_heads
@@ -330,4 +331,5 @@ SCENARIOS = {
     "slowheads": (slow_heads, "11. slow clients: stalled request heads beside normal requests, sync and gthread"),
     "metrics": (metrics, "12. metrics: cost on vs off, counters through upgrades, /metrics and /readyz latency"),
     "policies": (policies, "13. max_surge: peak processes and RSS during an upgrade, 8 workers"),
+    "canary": (canary, "14. canary and probation: a 30 %-500 release, a good one, a crashing one, 4 workers"),
 }
