@@ -28,7 +28,7 @@ def note_failure(counts, path: str, status: str) -> None:
     """Worker side: count one 5xx answer of `path` into the pending report of `counts`
     (a metrics.WorkerCounts). Bounded: a client choosing paths cannot grow the report."""
     from .metrics import _empty
-    path = (path or "/")[:MAX_PATH].replace("|", "%7C")
+    path = (path or "/").replace("|", "%7C")[:MAX_PATH]
     with counts.lock:
         failing = sum(1 for key in counts.pending if key.startswith(FAILURE_PREFIX))
         key = f"{FAILURE_PREFIX}|{status}|{path}"
