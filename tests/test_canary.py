@@ -129,6 +129,10 @@ def test_hold_then_rollback_across_a_daemon_reexec_then_hold_then_promote(start_
     write_app(tmp_path, '"v1"')
     appd = start_myapp(start_appd, tmp_path, "-w", "2")
     old = appd.serving_generation()
+    refused = appd.ctl("upgrade", "--canary", "1")  # probation is 0: nothing would watch it
+    assert refused.returncode == 2 and "probation" in refused.stderr
+    assert appd.ctl("upgrade", "--canary", "0").returncode == 2
+    assert appd.ctl("rollback").returncode == 1  # nothing to roll back
     write_app(tmp_path, '"v2"')
     code, held = appd.ctl_json("upgrade", "--canary", "1", "--hold")
     assert code == 0 and held["outcome"] == "held", held
@@ -156,11 +160,3 @@ def test_hold_then_rollback_across_a_daemon_reexec_then_hold_then_promote(start_
     assert appd.get("/")[2] == b"v2\n"
     wait_until(lambda: len(appd.status()["generations"]) == 1, 20, message="the old generation to exit")
 
-
-def test_canary_needs_probation_or_hold(start_appd, tmp_path):
-    write_app(tmp_path, '"v1"')
-    appd = start_myapp(start_appd, tmp_path, "-w", "1")
-    result = appd.ctl("upgrade", "--canary", "1")
-    assert result.returncode == 2 and "probation" in result.stderr
-    assert appd.ctl("upgrade", "--canary", "0").returncode == 2
-    assert appd.ctl("rollback").returncode == 1  # nothing to roll back
