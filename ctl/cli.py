@@ -246,8 +246,11 @@ class HumanOutput:
 
 
 def outcome_line(counts: dict) -> str:
-    return (f"{counts.get('requests', 0)} requests, {counts.get('errors', 0)} 5xx "
-            f"(ratio {counts.get('error_rate', 0.0):.3f}), {counts.get('crashes', 0)} crashes, "
+    if counts.get("errors") is None:
+        errors = "5xx not counted"
+    else:
+        errors = f"{counts['errors']} 5xx (ratio {counts.get('error_rate') or 0.0:.3f})"
+    return (f"{counts.get('requests', 0)} requests, {errors}, {counts.get('crashes', 0)} crashes, "
             f"{counts.get('timeouts', 0)} timeouts")
 
 
@@ -321,7 +324,7 @@ def format_status(status: dict) -> str:
         for replaced in gen.get("replaced") or []:
             lines.append(f"replaced: generation {gen['id']} worker {replaced['pid']}: {replaced['reason']}")
     for gen in status["generations"]:
-        if gen.get("requests") or gen["state"] in ("canary", "standby"):
+        if gen.get("errors") is not None or gen["state"] in ("canary", "standby"):
             lines.append(f"generation {gen['id']} ({gen['state']}): {outcome_line(gen)}")
     for crash in status.get("crashes") or []:
         lines.append(f"crash: generation {crash['generation']} {crash['status']}")

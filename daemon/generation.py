@@ -152,4 +152,4 @@ class Generation:
                             "busy": worker.get("busy"), "request_age_s": worker.get("request_age_s")})
         return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
                 "ready_workers": self.snapshot.get("ready", 0), "workers": workers,
-                "replaced": self.snapshot.get("replaced", []), **self.outcomes.counts()}
+                "replaced": self.snapshot.get("replaced", []), **self.outcomes.status(workers)}

@@ -98,6 +98,15 @@ class Outcomes:
         return {"requests": self.requests, "errors": self.errors, "error_rate": round(self.error_rate, 4),
                 "crashes": self.crashes, "timeouts": self.timeouts}
 
+    def status(self, workers: list) -> dict:
+        """For `status`: the counts; where this generation's workers do not report outcomes
+        (no metrics, probation or canary when it started), the requests their heartbeats
+        counted and errors unknown (None)."""
+        if self.requests or self.crashes or self.timeouts:
+            return self.counts()
+        return {"requests": sum(w.get("requests") or 0 for w in workers), "errors": None, "error_rate": None,
+                "crashes": self.crashes, "timeouts": self.timeouts}
+
     def evidence(self) -> dict:
         """What was observed: counts, the 5xx ratio, the most frequent failing paths and statuses."""
         return {**self.counts(),

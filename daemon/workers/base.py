@@ -62,7 +62,8 @@ class Worker:
         self.requests = 0
         # report_outcomes: the daemon watches this generation on probation or as a canary.
         self.counts = WorkerCounts() if (cfg.get("metrics_bind") or cfg.get("statsd_host")
-                                         or cfg.get("report_outcomes")) else None
+                                         or cfg.get("report_outcomes") or cfg.get("probation")
+                                         or cfg.get("canary_workers")) else None
         self.last_busy_report = 0.0
         self.last_heartbeat = 0.0
         self.log = None
