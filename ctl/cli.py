@@ -323,8 +323,9 @@ def format_status(status: dict) -> str:
     for gen in status["generations"]:
         for replaced in gen.get("replaced") or []:
             lines.append(f"replaced: generation {gen['id']} worker {replaced['pid']}: {replaced['reason']}")
+    watched = any(gen["state"] in ("canary", "standby") for gen in status["generations"])
     for gen in status["generations"]:
-        if gen.get("errors") is not None or gen["state"] in ("canary", "standby"):
+        if watched or gen.get("errors") is not None:  # beside a canary: both generations' counts
             lines.append(f"generation {gen['id']} ({gen['state']}): {outcome_line(gen)}")
     for crash in status.get("crashes") or []:
         lines.append(f"crash: generation {crash['generation']} {crash['status']}")

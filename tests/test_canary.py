@@ -143,7 +143,8 @@ def test_hold_then_rollback_across_a_daemon_reexec_then_hold_then_promote(start_
     def canary():
         return next((g for g in appd.status()["generations"] if g["state"] == "canary"), None)
     wait_until(lambda: (canary() or {}).get("requests"), 10, message="the canary's counts in status")
-    assert "canary" in appd.ctl("status").stdout
+    shown = appd.ctl("status").stdout  # both generations' request and error counts
+    assert f"generation {old['id']} (serving): " in shown and f"generation {held['generation']} (canary): " in shown
     assert appd.ctl("upgrade", "--daemon").returncode == 0
     assert canary()["id"] == held["generation"]  # still held by the re-exec'd daemon
     code, rolled = appd.ctl_json("rollback")
