@@ -196,6 +196,11 @@ class ProbationUpgrade(Upgrade):
 
     def accept(self) -> None:
         self.extra_result = {"observed": self.observed()}
+        if self.new.outcomes.requests < self.limits.min_requests:
+            # e.g. keep-alive clients stay on the old workers: a canary only sees new connections
+            self.extra_result["notes"] = [
+                f"inconclusive: the new generation answered {self.new.outcomes.requests} requests, fewer than "
+                f"rollback_min_requests ({self.limits.min_requests}); only crashes could have rolled it back"]
         if self.phase == CANARY:
             self.promote_canary()
             return
