@@ -262,6 +262,11 @@ class Setting:
         return "APPD_" + self.name.upper()
 
 
+def _ratio(value):
+    from .probation import parse_ratio
+    return parse_ratio(value)
+
+
 def _default_log_format() -> str:
     return "console" if sys.stderr.isatty() else "json"
 
@@ -299,6 +304,17 @@ SETTINGS: list[Setting] = [
             "the service reports not ready (/readyz 503, status 'draining, delay') while it keeps "
             "serving, so load balancers stop routing to it first; a second SIGTERM or appdctl stop "
             "cuts it short", metavar="S"),
+    # --- probation and canary upgrades (issue 21) ---
+    Setting("probation", _seconds, 0.0, "seconds a new generation is watched on real traffic after "
+            "cutover (the old one stands by, ready to resume) or as a canary; 0: drain the old one "
+            "at once", metavar="S"),
+    Setting("canary_workers", _int(0), 0, "every upgrade first runs this many new workers beside the "
+            "old generation for `probation` seconds (as `appdctl upgrade --canary N`; 0: no canary)",
+            metavar="N"),
+    Setting("rollback_error_rate", _ratio, 0.05, "during probation, a 5xx ratio above this (over at "
+            "least rollback_min_requests requests) rolls the upgrade back", metavar="RATIO"),
+    Setting("rollback_min_requests", _int(1), 20, "requests the new generation must have answered "
+            "before its 5xx ratio can roll it back", metavar="N"),
     Setting("boot_timeout", _seconds, 60.0, "time a new generation or worker has to become ready",
             metavar="S"),
     Setting("ready_check", _optional_str, None, "path each worker GETs in-process (2xx wanted) before "
