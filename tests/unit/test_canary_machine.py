@@ -77,7 +77,8 @@ def test_worker_crashes_during_probation_roll_back():
     assert sent(old)[-1] == {KIND: ToMaster.SCALE, "target": 2}
     workers(daemon, old, 2)
     daemon.generations.exited(new, "exit 0")
-    assert responder.error["code"] == codes.ROLLED_BACK and "1 worker crash(es) and 1 timeout" in responder.error["reason"]
+    assert responder.error["code"] == codes.ROLLED_BACK
+    assert "1 worker crash(es) and 1 timeout" in responder.error["reason"]
 
 
 def test_a_new_master_that_dies_during_probation_resumes_the_old_one():
