@@ -46,6 +46,16 @@ def _seconds(text: str) -> float:
     return number
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 worker")
+    return number
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -79,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--env", action="append", type=_env_pair, default=[], metavar="K=V",
                          help="extra environment for the new generation (repeatable)")
     upgrade.add_argument("--daemon", action="store_true", help="re-exec the daemon itself in place")
+    upgrade.add_argument("--canary", type=_positive, metavar="N",
+                         help="start N new workers beside the old generation, watched for `probation` s")
+    upgrade.add_argument("--hold", action="store_true",
+                         help="end with the canary running; then `appdctl promote` or `appdctl rollback`")
+    command("promote", "end a held canary or a probation now: the new generation takes over")
+    command("rollback", "end a held canary or a probation now: back to the old generation")
     scale = command("scale", "change the target worker count: +N, -N or N")
     scale.add_argument("spec", type=_scale_spec, metavar="+N|-N|N")
     drain = command("drain", "graceful stop with progress", parents=(anywhere_but_timeout,))
@@ -106,7 +122,8 @@ def _add_client_options(parser: argparse.ArgumentParser, after_command: bool = F
 def request_for(args: argparse.Namespace) -> tuple[str, dict]:
     command = args.command.replace("-", "_")
     if command in ("reload", "upgrade"):
-        extra = {"env": dict(args.env), "daemon": args.daemon or None} if command == "upgrade" else {}
+        extra = {"env": dict(args.env), "daemon": args.daemon or None, "canary": args.canary,
+                 "hold": args.hold or None} if command == "upgrade" else {}
         return command, {"wait": not args.no_wait, **extra}
     if command == "scale":
         return command, args.spec
@@ -212,18 +229,40 @@ class HumanOutput:
         elif self.command == "ping":
             print(f"pong from appd {result.get('version')} (pid {result.get('pid')})")
         else:
-            details = " ".join(f"{k}={v}" for k, v in result.items() if k not in ("outcome", "notes"))
+            details = " ".join(f"{k}={v}" for k, v in result.items() if k not in ("outcome", "notes", "observed", "evidence", "output"))
             print(f"{self.command}: {result.get('outcome', 'done')} {details}".rstrip())
             for note in result.get("notes") or []:
                 print(f"  note: {note}")
+            print_evidence(result.get("observed") or result.get("evidence"))
 
     def error(self, exc: CommandError) -> None:
         self._end_live()
         print(f"appdctl {self.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        print_evidence(exc.detail.get("evidence"), sys.stderr)
         output = exc.detail.get("output")
         if output:
             print("--- last output of the new generation ---", file=sys.stderr)
             print(output.rstrip(), file=sys.stderr)
+
+
+def outcome_line(counts: dict) -> str:
+    if counts.get("errors") is None:
+        errors = "5xx not counted"
+    else:
+        errors = f"{counts['errors']} 5xx (ratio {counts.get('error_rate') or 0.0:.3f})"
+    return (f"{counts.get('requests', 0)} requests, {errors}, {counts.get('crashes', 0)} crashes, "
+            f"{counts.get('timeouts', 0)} timeouts")
+
+
+def print_evidence(evidence: dict | None, stream=None) -> None:
+    """What probation observed of the new generation: counts, failing paths and statuses."""
+    if not evidence:
+        return
+    stream = stream or sys.stdout
+    print(f"  observed: {outcome_line(evidence)}", file=stream)
+    for label, key in (("failing paths", "failing_paths"), ("failing statuses", "failing_statuses")):
+        if evidence.get(key):
+            print(f"  {label}: " + ", ".join(f"{name} x{count}" for name, count in evidence[key]), file=stream)
 
 
 def _age(seconds: float) -> str:
@@ -284,6 +323,10 @@ def format_status(status: dict) -> str:
     for gen in status["generations"]:
         for replaced in gen.get("replaced") or []:
             lines.append(f"replaced: generation {gen['id']} worker {replaced['pid']}: {replaced['reason']}")
+    watched = any(gen["state"] in ("canary", "standby") for gen in status["generations"])
+    for gen in status["generations"]:
+        if watched or gen.get("errors") is not None:  # beside a canary: both generations' counts
+            lines.append(f"generation {gen['id']} ({gen['state']}): {outcome_line(gen)}")
     for crash in status.get("crashes") or []:
         lines.append(f"crash: generation {crash['generation']} {crash['status']}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import re
 import time
 
 from . import hooks, log
+from .probation import note_failure
 
 _ATOM = re.compile(r"%\(([^)]+)\)s")
 _ESCAPES = {ord('"'): '\\"', ord("\\"): "\\\\", **{c: f"\\x{c:02x}" for c in range(32)}, 127: "\\x7f"}
@@ -129,8 +130,10 @@ class RequestLog:
     def write(self, environ: dict, req, resp, duration_s: float) -> None:
         if self.counts is not None:
             answered = resp is not None and resp.status
-            self.counts.observe_environ(environ, resp.status[:3] if answered else "499",
-                                        resp.sent if resp is not None else 0, duration_s)
+            status = resp.status[:3] if answered else "499"
+            self.counts.observe_environ(environ, status, resp.sent if resp is not None else 0, duration_s)
+            if status[:1] == "5":  # probation's evidence: which paths fail, with which status
+                note_failure(self.counts, environ.get("PATH_INFO", ""), status)
         if self.post_request:
             hooks.call(self.post_request, self.worker.log, self.worker.view,
                        hooks.RequestView(req, environ), environ, hooks.ResponseView(resp))
@@ -145,6 +148,8 @@ class RequestLog:
             server = scope.get("server") or ("", "")
             self.counts.observe(f"{server[0]}:{server[1]}", scope.get("method", "WEBSOCKET"), str(status),
                                 sent, duration_s)
+            if str(status)[:1] == "5":
+                note_failure(self.counts, scope.get("path", ""), str(status))
         if self.destination is None:
             return
         query = scope.get("query_string", b"").decode("latin-1")

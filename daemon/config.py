@@ -19,7 +19,7 @@ from appdctl.protocol import default_socket_path  # noqa: F401  (appd and appdct
 
 from .config_values import (  # noqa: F401  (_bool, _proxy_protocol, seconds: used by cli, commands)
     _argv, _bind, _bool, _cert_reqs, _choice, _env_list, _hook, _int, _int_list, _json_table,
-    _mode, _optional_host_port, _optional_str, _proxy_protocol, _seconds, _size, _str, _str_list,
+    _mode, _optional_host_port, _optional_str, _proxy_protocol, _ratio, _seconds, _size, _str, _str_list,
     _str_map, _umask, seconds,
 )
 
@@ -83,6 +83,17 @@ SETTINGS: list[Setting] = [
             "the service reports not ready (/readyz 503, status 'draining, delay') while it keeps "
             "serving, so load balancers stop routing to it first; a second SIGTERM or appdctl stop "
             "cuts it short", metavar="S"),
+    # --- probation and canary upgrades (issue 21) ---
+    Setting("probation", _seconds, 0.0, "seconds a new generation is watched on real traffic after "
+            "cutover (the old one stands by, ready to resume) or as a canary; 0: drain the old one "
+            "at once", metavar="S"),
+    Setting("canary_workers", _int(0), 0, "every upgrade first runs this many new workers beside the "
+            "old generation for `probation` seconds (as `appdctl upgrade --canary N`; 0: no canary)",
+            metavar="N"),
+    Setting("rollback_error_rate", _ratio, 0.05, "during probation, a 5xx ratio above this (over at "
+            "least rollback_min_requests requests) rolls the upgrade back", metavar="RATIO"),
+    Setting("rollback_min_requests", _int(1), 20, "requests the new generation must have answered "
+            "before its 5xx ratio can roll it back", metavar="N"),
     Setting("boot_timeout", _seconds, 60.0, "time a new generation or worker has to become ready",
             metavar="S"),
     Setting("ready_check", _optional_str, None, "path each worker GETs in-process (2xx wanted) before "

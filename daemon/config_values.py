@@ -86,6 +86,19 @@ def _size(value):
         raise ValueError(f"{_short(value)} is not a size in bytes (e.g. 512M, 1G, 1048576)")
     return number * _SIZE_UNITS[unit]
 
+def _ratio(value) -> float:
+    """A fraction between 0 and 1 (settings)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a ratio")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a ratio between 0 and 1") from None
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{number} is not between 0 and 1")
+    return number
+
+
 
 def _optional_str(value):
     if value is None or value == "":

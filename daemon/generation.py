@@ -15,13 +15,17 @@ from enum import StrEnum
 
 from .channel import Channel
 from .messages import KIND, ToMaster
+from .probation import Outcomes
 
 _TAIL_LINES = 40
 
 
 class GenerationState(StrEnum):
     """starting -> ready -> serving -> draining -> exited, or starting -> failed.
-    The values are what status reports."""
+    A watched upgrade (canary.py) adds: starting -> canary (serving beside the
+    old generation) -> serving, and serving -> standby (no workers accepting,
+    the master ready to resume) -> serving or draining. The values are what
+    status reports."""
 
     STARTING = "starting"  # master spawned, workers booting
     READY = "ready"        # every worker ready; not yet cut over to
@@ -29,9 +33,11 @@ class GenerationState(StrEnum):
     DRAINING = "draining"  # told to drain or stop; finishing in-flight work
     EXITED = "exited"
     FAILED = "failed"      # exited before it served, or was rolled back
+    CANARY = "canary"      # a few new workers serving beside the old generation
+    STANDBY = "standby"    # the old generation during probation: ready to resume
 
 
-STARTING, READY, SERVING, DRAINING, EXITED, FAILED = GenerationState
+STARTING, READY, SERVING, DRAINING, EXITED, FAILED, CANARY, STANDBY = GenerationState
 
 
 def resolve_python(python: str) -> str:
@@ -59,6 +65,7 @@ class Generation:
         self.exit_status: str | None = None
         self.rolled_back = False  # drained because it failed to become ready: ends as "failed"
         self.extra_env: dict = {}  # upgrade --env it was started with
+        self.outcomes = Outcomes()  # requests, 5xx, crashes it had (probation and status)
 
     def spawn(self, loop, python: str, settings: dict, target: int, environment: dict, on_message) -> None:
         """Start the master; `environment` names the listeners and the handoff channel
@@ -94,7 +101,7 @@ class Generation:
                 "ready_age": None if self.ready_at is None else now - self.ready_at,
                 "channel_fd": self.channel.sock.fileno() if self.channel and not self.channel.closed else -1,
                 "output_fd": self.output_fd, "snapshot": self.snapshot, "tail": list(self.tail),
-                "env": self.extra_env}
+                "env": self.extra_env, "outcomes": self.outcomes.to_state()}
 
     @classmethod
     def from_state(cls, entry: dict, daemon_pid: int, now: float, loop, on_message) -> "Generation":
@@ -105,6 +112,7 @@ class Generation:
         generation.ready_at = None if entry["ready_age"] is None else now - entry["ready_age"]
         generation.snapshot = entry["snapshot"]
         generation.extra_env = entry.get("env", {})
+        generation.outcomes = Outcomes(entry.get("outcomes"))
         generation.tail.extend(entry["tail"])
         generation.adopt(loop, entry["channel_fd"], entry["output_fd"], on_message)
         return generation
@@ -205,4 +213,4 @@ class Generation:
                             "busy": worker.get("busy"), "request_age_s": worker.get("request_age_s")})
         return {"id": self.id, "state": self.state, "master_pid": self.pid, "started_at": self.started_at,
                 "ready_workers": self.snapshot.get("ready", 0), "workers": workers,
-                "replaced": self.snapshot.get("replaced", [])}
+                "replaced": self.snapshot.get("replaced", []), **self.outcomes.status(workers)}

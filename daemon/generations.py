@@ -10,6 +10,7 @@ import signal
 from . import handoff
 from .generation import DRAINING, FAILED, SERVING, Generation
 from .messages import KIND, ToDaemon, ToMaster, kind_of
+from .probation import split_failures
 
 _KEPT = 20  # exited generations are kept for status, the newest first to go
 
@@ -42,16 +43,18 @@ class Generations:
 
     # --- starting, serving, draining ---
 
-    def start(self, extra_env: dict | None = None, target: int | None = None) -> Generation:
+    def start(self, extra_env: dict | None = None, target: int | None = None,
+              settings: dict | None = None) -> Generation:
         """A new generation of `target` workers (default: the daemon's); without `extra_env`
-        it gets the serving one's (upgrade --env)."""
+        it gets the serving one's (upgrade --env). `settings` adds to the configured ones."""
         daemon = self.daemon
         generation = Generation(self.next_id, daemon.pid, now=daemon.clock())
         generation.extra_env = dict(daemon.generation_env if extra_env is None else extra_env)
         environment = {**generation.extra_env, **daemon.listeners.generation_env(),
                        **(daemon.handoff.env() if daemon.handoff else {})}
-        daemon.env.spawn(generation, daemon.loop, daemon.cfg.python, daemon.generation_settings(),
-                         target or daemon.target, environment, self.on_message)
+        settings = {**daemon.generation_settings(), **(settings or {})}
+        daemon.env.spawn(generation, daemon.loop, daemon.cfg.python, settings, target or daemon.target, environment,
+                         self.on_message)
         self.next_id += 1
         self.all.append(generation)
         daemon.metrics.count("generations", "started")
@@ -113,7 +116,9 @@ class Generations:
     def handle_message(self, generation: Generation, message) -> None:
         kind = kind_of(message)
         if kind == ToDaemon.METRICS:
-            self.daemon.metrics.add_requests(message.get("requests") or {})
+            requests, failures = split_failures(message.get("requests") or {})
+            generation.outcomes.record(requests, failures, message.get("exits"))  # probation's input
+            self.daemon.metrics.add_requests(requests)
             for cause in message.get("exits") or ():
                 self.daemon.metrics.count("worker_exits", str(cause))
             return

@@ -9,10 +9,10 @@ import signal
 
 from appdctl import protocol
 
+from .canary import upgrade_operation
 from .control import LogResponder
 from .operations import Scale, Shutdown, Stop
 from .reload import Reload
-from .upgrade import Upgrade
 
 CAUGHT = [signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM,
           signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD]
@@ -27,7 +27,7 @@ def handle(daemon, signum: int) -> None:
     if signum == signal.SIGHUP:
         daemon.begin(Reload(daemon, responder))
     elif signum == signal.SIGUSR2:
-        daemon.begin(Upgrade(daemon, responder))
+        daemon.begin(upgrade_operation(daemon, responder, {}))
     elif signum in (signal.SIGTTIN, signal.SIGTTOU):
         daemon.begin(Scale(daemon, responder, {"delta": 1 if signum == signal.SIGTTIN else -1}))
     elif signum == signal.SIGTERM and isinstance(daemon.operation, Shutdown) and daemon.operation.delaying:

@@ -42,13 +42,17 @@ class Rollout:
         self.step = min(daemon.cfg.max_surge or daemon.target, daemon.target) if self.shrinking else daemon.target
         self.new_target = self.step
         try:
-            self.new = daemon.generations.start(extra_env=self.extra_env, target=self.step)
+            self.new = self.spawn_new(self.step)
         except OSError as exc:
             self.owner.rolled_back(str(exc), "")
             return
         self.phase = Phase.BOOTING
         self.deadline = daemon.clock() + daemon.cfg.boot_timeout
         self.owner.progress("spawned", generation=self.new.id, master_pid=self.new.pid, target=daemon.target)
+
+    def spawn_new(self, target: int):
+        """The new generation (a watched rollout asks its workers to report outcomes)."""
+        return self.daemon.generations.start(extra_env=self.extra_env, target=target)
 
     def on_message(self, generation, message: dict) -> None:
         if self.phase in (Phase.SHRINKING_OLD, Phase.GROWING_NEW):

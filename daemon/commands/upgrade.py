@@ -12,14 +12,23 @@ crash recovery and by a reload that needs a new generation.
 
 upgrade --daemon: re-exec the daemon itself in place (same PID, listeners,
 control socket and generations); refused, with nothing changed, when the
-new daemon code does not import or cannot parse its arguments and state."""
+new daemon code does not import or cannot parse its arguments and state.
+
+upgrade --canary N [--hold]: the new generation starts with N workers serving
+beside the old one and is watched for `probation` seconds: over the limits
+(rollback_error_rate with rollback_min_requests, worker crashes) it is
+drained and the reply is rolled_back with the evidence; healthy, it grows to
+the target and the old one drains. Progress events carry the live counts.
+--hold ends with the canary running (outcome held): `appdctl promote` or
+`appdctl rollback`. With probation > 0 and no canary, the old generation
+stands by after cutover and resumes if the new one fails its probation."""
 
 import os
 
 from appdctl import protocol
 
+from ..canary import upgrade_operation
 from ..operations import ReexecDaemon
-from ..upgrade import Upgrade
 from ._detach import begin
 
 _PRIVILEGED_PREFIXES = ("LD_", "PYTHON")
@@ -52,4 +61,8 @@ def run(daemon, args, responder):
     if args.get("daemon"):
         daemon.begin(ReexecDaemon(daemon, responder, {}))
         return
-    begin(daemon, Upgrade(daemon, responder, {"env": env}), args["wait"])
+    if args.get("canary") is not None and args["canary"] < 1:
+        responder.fail(protocol.BAD_REQUEST, f"upgrade --canary {args['canary']}: at least 1 worker")
+        return
+    watched = {"canary": args.get("canary"), "hold": args.get("hold")}
+    begin(daemon, upgrade_operation(daemon, responder, {"env": env, **watched}), args["wait"])

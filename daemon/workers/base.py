@@ -60,7 +60,10 @@ class Worker:
         self.serving = False  # until then a stop request ends the worker at once
         self.sweep = False
         self.requests = 0
-        self.counts = WorkerCounts() if cfg.get("metrics_bind") or cfg.get("statsd_host") else None
+        # report_outcomes: the daemon watches this generation on probation or as a canary.
+        self.counts = WorkerCounts() if (cfg.get("metrics_bind") or cfg.get("statsd_host")
+                                         or cfg.get("report_outcomes") or cfg.get("probation")
+                                         or cfg.get("canary_workers")) else None
         self.last_busy_report = 0.0
         self.last_heartbeat = 0.0
         self.log = None

@@ -19,6 +19,7 @@ from common import FLASK, HELLO, SLOW, Context, Row, median
 from keepalive import keepalive_soak
 from fleet import fleet
 from policies import policies
+from canary import canary
 from throughput import fastest_servers, flask_throughput, gthread_throughput, hello_throughput
 from conformance_bench import conformance
 from slow_heads import slow_heads
@@ -334,4 +335,5 @@ SCENARIOS = {
     "metrics": (metrics, "12. metrics: cost on vs off, counters through upgrades, /metrics and /readyz latency"),
     "policies": (policies, "13. drain_delay behind HAProxy; max_surge: peak workers, RSS and time of an upgrade, 8 workers"),
     "ansible": (fleet, "14. Ansible rolling upgrade over three local hosts: time, broken-release outcome"),
+    "canary": (canary, "15. canary and probation: a 30 %-500 release, a good one, a crashing one, 4 workers"),
 }

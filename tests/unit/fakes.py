@@ -10,7 +10,15 @@ from appd.messages import KIND, ToDaemon
 from appd.upgrade import Start
 
 
+class _NoSocket:
+    @staticmethod
+    def fileno() -> int:
+        return -1  # exported state names no descriptor: an adopting test gives a fake channel
+
+
 class FakeChannel:
+    sock = _NoSocket()
+
     def __init__(self):
         self.sent: list[dict] = []
         self.closed = False

@@ -16,15 +16,18 @@ def test_a_generation_exports_and_adopts_its_state_across_an_exec():
     before.pid, before.extra_env = 4242, {"RELEASE": "7"}
     before.serve(130.0)
     before.tail.extend(["booted", "serving"])
+    before.outcomes.record({"http|GET|5xx": [3], "http|GET|2xx": [7]}, {("500", "/pay"): 3}, ["crash"])
     entry = msgpack.unpackb(msgpack.packb(before.export_state(now=160.0)), raw=False)  # as reexec carries it
     after = Generation.from_state(entry, os.getpid(), now=5000.0, loop=None, on_message=None)
     assert after.state is GenerationState.SERVING and after.pid == 4242 and after.extra_env == {"RELEASE": "7"}
     assert after.started_mono == 5000.0 - 60.0 and after.ready_at == 5000.0 - 30.0, "ages, not clock readings"
     assert list(after.tail) == ["booted", "serving"] and after.channel is None
+    assert after.outcomes.evidence() == before.outcomes.evidence(), "probation's counts survive a re-exec"
 
 
 def test_generation_states_report_as_the_contract_spells_them():
-    assert [str(s) for s in GenerationState] == ["starting", "ready", "serving", "draining", "exited", "failed"]
+    assert [str(s) for s in GenerationState] == ["starting", "ready", "serving", "draining", "exited", "failed",
+                                                "canary", "standby"]
     generation = Generation(1, os.getpid(), now=0.0)
     generation.mark_ready()
     generation.exited("exit 1")
