@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import threading
+from bisect import bisect_left
+
+from .probation import FAILURE_PREFIX, MAX_FAILURE_KEYS, MAX_PATH
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "WEBSOCKET"}
@@ -22,23 +25,20 @@ WORKER_STATES = ("booting", "idle", "busy", "stopping")
 HANDOFF = "HANDOFF"
 
 
-def _bucket(duration: float) -> int:
-    for index, bound in enumerate(BUCKETS):
-        if duration <= bound:
-            return index
-    return len(BUCKETS)
-
-
 def _empty() -> list:
     # count, bytes, duration sum, then one (non-cumulative) count per bucket and +Inf
     return [0, 0, 0.0] + [0] * (len(BUCKETS) + 1)
 
 
 class WorkerCounts:
-    """The worker's side: counts since the last report, keyed listener|method|status class."""
+    """The worker's side: counts since the last report. Kept by tuple on the request
+    path (no string building there: a few dict and list updates per request); turned
+    into the report's `listener|method|status class` keys only when taken."""
 
     def __init__(self):
-        self.pending: dict[str, list] = {}
+        self.requests: dict[tuple, list] = {}  # (listener, method, status class) -> _empty()
+        self.failures: dict[tuple, int] = {}   # (status, path) -> 5xx answers (probation)
+        self.handoffs: dict[str, int] = {}     # listener -> connections taken from the handoff channel
         self.lock = threading.Lock()  # gthread: threads count while the main thread takes
 
     def observe_environ(self, environ: dict, status: str, sent: int, duration: float) -> None:
@@ -47,34 +47,43 @@ class WorkerCounts:
 
     def observe(self, listener: str, method: str, status: str, sent: int, duration: float) -> None:
         # Methods are client input: anything unknown is OTHER, so the label set stays bounded.
-        method = method if method in _METHODS else "OTHER"
-        key = f"{listener}|{method}|{(status or '0')[:1]}xx"
+        key = (listener, method if method in _METHODS else "OTHER", status[:1] if status else "0")
         with self.lock:
-            entry = self._entry(key)
+            entry = self.requests.get(key)
+            if entry is None:
+                entry = self.requests[key] = _empty()
             entry[0] += 1
             entry[1] += sent
             entry[2] += duration
-            entry[3 + _bucket(duration)] += 1
+            entry[3 + bisect_left(BUCKETS, duration)] += 1
+
+    def failed(self, path: str, status: str) -> None:
+        """One 5xx answer of `path` (probation's evidence). Bounded: a client choosing
+        paths cannot grow the report past MAX_FAILURE_KEYS distinct paths."""
+        path = (path or "/").replace("|", "%7C")[:MAX_PATH]
+        with self.lock:
+            if (status, path) not in self.failures and len(self.failures) >= MAX_FAILURE_KEYS:
+                path = "(other)"
+            self.failures[(status, path)] = self.failures.get((status, path), 0) + 1
 
     def handed_off(self, listener: str) -> None:
         """One connection taken from the handoff channel (not a request: no duration)."""
         with self.lock:
-            self._entry(f"{listener}|{HANDOFF}|-")[0] += 1
-
-    def _entry(self, key: str) -> list:
-        """(with the lock held)"""
-        entry = self.pending.get(key)
-        if entry is None:
-            entry = self.pending[key] = _empty()
-        return entry
+            self.handoffs[listener] = self.handoffs.get(listener, 0) + 1
 
     def take(self) -> str | None:
         """The deltas as JSON (for the heartbeat datagram), then start afresh; None if nothing."""
-        if not self.pending:
+        if not (self.requests or self.failures or self.handoffs):
             return None
         with self.lock:
-            taken, self.pending = self.pending, {}
-        return json.dumps(taken, separators=(",", ":"))
+            requests, failures, handoffs = self.requests, self.failures, self.handoffs
+            self.requests, self.failures, self.handoffs = {}, {}, {}
+        report = {f"{listener}|{method}|{cls}xx": entry for (listener, method, cls), entry in requests.items()}
+        for listener, count in handoffs.items():
+            report[f"{listener}|{HANDOFF}|-"] = [count] + _empty()[1:]
+        for (status, path), count in failures.items():
+            report[f"{FAILURE_PREFIX}|{status}|{path}"] = [count] + _empty()[1:]
+        return json.dumps(report, separators=(",", ":"))
 
 
 def merge(totals: dict, deltas: dict) -> dict:
@@ -132,7 +141,7 @@ class MetricsState:
         entry = self.operations.setdefault(f"{kind}|{outcome}", _empty())
         entry[0] += 1
         entry[2] += duration
-        entry[3 + _bucket(duration)] += 1
+        entry[3 + bisect_left(BUCKETS, duration)] += 1
 
 
 def _histogram_buckets(entry: list) -> list:

@@ -26,18 +26,8 @@ _KEPT_PATHS = 200         # distinct paths the daemon keeps per generation
 
 def note_failure(counts, path: str, status: str) -> None:
     """Worker side: count one 5xx answer of `path` into the pending report of `counts`
-    (a metrics.WorkerCounts). Bounded: a client choosing paths cannot grow the report."""
-    from .metrics import _empty
-    path = (path or "/").replace("|", "%7C")[:MAX_PATH]
-    with counts.lock:
-        failing = sum(1 for key in counts.pending if key.startswith(FAILURE_PREFIX))
-        key = f"{FAILURE_PREFIX}|{status}|{path}"
-        if key not in counts.pending and failing >= MAX_FAILURE_KEYS:
-            key = f"{FAILURE_PREFIX}|{status}|(other)"
-        entry = counts.pending.get(key)
-        if entry is None:
-            entry = counts.pending[key] = _empty()
-        entry[0] += 1
+    (a metrics.WorkerCounts, which bounds the distinct paths)."""
+    counts.failed(path, status)
 
 
 def split_failures(deltas: dict) -> tuple[dict, dict]:
