@@ -1,12 +1,15 @@
 """Watched upgrades: probation after cutover, and canaries.
 
-probation: after cutover the old generation *stands by* (its master scales to
-0 workers: they stop accepting, hand their idle keep-alive connections to the
-new generation and finish in-flight work; the master stays, so going back
-costs no interpreter start). The new generation's outcomes are watched for
-`probation` seconds. Over the limits, the old one *resumes* (back to the
-target, accepting again) and only once it is ready does the new one drain,
-handing its idle connections back: zero downtime both ways.
+probation: after cutover the old generation *stands by* (ToMaster.PAUSE: its
+workers stop accepting, hand their idle keep-alive connections to the new
+generation and finish in-flight work, but stay alive with the app they
+loaded). The new generation's outcomes are watched for `probation` seconds.
+Over the limits, the old one *resumes* (ToMaster.RESUME: accepting again at
+once, no boot, running the code it had loaded even if the release rewrote
+the files in place) and only then does the new one drain, handing its idle
+connections back: zero downtime both ways. Command workers (foreign
+programs) cannot be paused: their generation stands by at 0 workers and
+resumes by forking them again (ready_after_resume waits for that).
 
 canary (`upgrade --canary N`): the new generation starts with N workers that
 accept beside the whole old generation for `probation` seconds; healthy, it
@@ -27,6 +30,7 @@ from enum import StrEnum
 from appdctl import protocol
 
 from .generation import CANARY, SERVING, STANDBY
+from .handoff import takes_handoff
 from .messages import KIND, ToDaemon, ToMaster, kind_of
 from .probation import Limits, verdict
 from .upgrade import Phase, Rollout, Upgrade
@@ -47,7 +51,13 @@ WATCHING = (Watch.CANARY, Watch.PROBATION)
 
 
 def held_canary(daemon):
-    return next((g for g in daemon.generations if g.state == CANARY and g.alive), None)
+    """A canary, or a standing-by generation, left by an upgrade that ended `held`."""
+    return next((g for g in daemon.generations if g.state in (CANARY, STANDBY) and g.alive), None)
+
+
+def pauses(cfg) -> bool:
+    """Whether a generation's workers can stand by paused (all but foreign programs)."""
+    return cfg.worker_class != "command"
 
 
 def upgrade_operation(daemon, responder, args: dict):
@@ -80,13 +90,25 @@ class WatchedRollout(Rollout):
                                              settings=_REPORT)
 
     def adopt_held(self, canary) -> None:
-        """A canary held by an earlier upgrade (maybe before a daemon re-exec): watch it again."""
+        """A canary or standing-by generation held by an earlier upgrade (maybe before a
+        daemon re-exec): watch it again."""
         daemon = self.daemon
+        if canary.state == STANDBY:
+            self.adopt_standby()
+            return
         self.new, self.canary, self.window, self.hold = canary, len(canary.worker_pids) or 1, 0.0, False
         self.new_target = max(1, canary.snapshot.get("target") or self.canary)
         self.old = [g for g in daemon.generations if g.alive and g is not canary]
         self.shrinking = daemon.serving
         self.begin_watch(Watch.CANARY)
+
+    def adopt_standby(self) -> None:
+        daemon = self.daemon
+        self.new, self.canary, self.window, self.hold = daemon.serving, 0, 0.0, False
+        self.new_target = daemon.target
+        self.standing_by = [g for g in daemon.generations if g.state == STANDBY and g.alive]
+        self.old = list(self.standing_by)
+        self.begin_watch(Watch.PROBATION)
 
     # --- messages, exits, time ---
 
@@ -129,8 +151,17 @@ class WatchedRollout(Rollout):
         self.standing_by = [g for g in self.old if g.state == SERVING]
         for generation in self.standing_by:
             generation.state = STANDBY
-            generation.send({KIND: ToMaster.SCALE, "target": 0})  # stop accepting, hand idle connections on
+            self.stand_by(generation)
         self.begin_watch(Watch.PROBATION)
+
+    def stand_by(self, generation) -> None:
+        """Stop accepting, hand idle connections on, keep the workers (or, for command
+        workers, which cannot pause, keep only the master)."""
+        cfg = self.daemon.cfg
+        if pauses(cfg):
+            generation.send({KIND: ToMaster.PAUSE, "handoff": takes_handoff(cfg.worker_class)})
+        else:
+            generation.send({KIND: ToMaster.SCALE, "target": 0})
 
     def begin_watch(self, phase: Watch) -> None:
         now = self.daemon.clock()
@@ -224,10 +255,20 @@ class WatchedRollout(Rollout):
                             "new one keeps serving", evidence=self.evidence, output=self.output)
             return
         self.phase = Watch.RESUMING
+        target = self.daemon.target
         self.deadline = self.daemon.clock() + self.daemon.cfg.boot_timeout
         for generation in live:
-            generation.send({KIND: ToMaster.SCALE, "target": self.daemon.target})
-        self.owner.progress("resuming", generations=[g.id for g in live], target=self.daemon.target)
+            generation.send({KIND: ToMaster.RESUME})
+            generation.send({KIND: ToMaster.SCALE, "target": target})  # a no-op unless it stood by at 0
+        self.owner.progress("resuming", generations=[g.id for g in live], target=target)
+        ready = next((g for g in live if self.ready_after_resume(g)), None)
+        if ready is not None:
+            self.resumed(ready)  # paused workers accept again at once: no boot to wait for
+
+    def ready_after_resume(self, generation) -> bool:
+        """Paused workers are ready as they are; a generation that stood by at 0 workers
+        (command workers) is ready once its master reports the target forked again."""
+        return pauses(self.daemon.cfg) and generation.snapshot.get("ready", 0) >= self.daemon.target
 
     def resumed(self, generation) -> None:
         """The old generation accepts again: only now does the new one drain (zero downtime)."""
@@ -273,7 +314,7 @@ class ProbationUpgrade(Upgrade):
     def refusal(self) -> tuple[str, str] | None:
         held = held_canary(self.daemon)
         if held is not None:
-            return protocol.BUSY, (f"canary generation {held.id} is held: `appdctl promote` or "
+            return protocol.BUSY, (f"generation {held.id} is held ({held.state}): `appdctl promote` or "
                                    "`appdctl rollback` first")
         if self.canary and self.daemon.serving is None:
             return protocol.BAD_REQUEST, "upgrade --canary: no generation is serving beside which to run it"

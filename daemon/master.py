@@ -27,7 +27,7 @@ from .channel import Channel
 from .config import Settings
 from .loop import Loop
 from .master_reload import MasterReload
-from .messages import KIND, SERVE, ToDaemon, ToMaster, kind_of
+from .messages import KIND, PAUSE_KEY, PAUSED, PAUSED_HANDING_OFF, RESUMED, SERVE, ToDaemon, ToMaster, kind_of
 from .master_report import DaemonReport
 from .recycle import Recycler
 from .worker_fork import MASTER_SIGNALS, fork_worker
@@ -62,6 +62,7 @@ class Master:
         self.spawn_failures = 0
         self.spawn_not_before = 0.0
         self.exit_code = 0
+        self.paused = False  # standing by (probation): the workers stay as they are, accepting nothing
         self.loop = Loop()
         self.log = log.get(role="master")
         self.channel = Channel(self.loop, channel_sock, self.on_daemon_message, self.on_daemon_gone)
@@ -172,8 +173,9 @@ class Master:
                 and now - handle.spawned_at >= delay)
 
     def manage_workers(self) -> None:
-        """Keep `target` incoming workers; retire outgoing ones once enough are ready."""
-        if self.phase is MasterPhase.STOPPING:
+        """Keep `target` incoming workers; retire outgoing ones once enough are ready.
+        Not while paused: the standing-by workers are kept exactly, to resume without a boot."""
+        if self.phase is MasterPhase.STOPPING or self.paused:
             return
         incoming = [h for h in self.workers.values() if h.counts_toward_target()]
         missing = self.target - len(incoming)
@@ -250,8 +252,11 @@ class Master:
     # --- events ---
 
     def on_worker_report(self, handle: WorkerHandle) -> None:
+        paused = handle.paused
         if handle.read_reports():
             self.on_worker_ready(handle)
+        if handle.paused != paused:
+            self.report.dirty = True  # status shows it paused (or not) at once
 
     def on_worker_ready(self, handle: WorkerHandle) -> None:
         if not handle.ready:
@@ -314,6 +319,8 @@ class Master:
             self.retire(int(message["pid"]))
         elif kind == ToMaster.REOPEN_LOGS:
             self.reopen_logs()
+        elif kind in (ToMaster.PAUSE, ToMaster.RESUME):
+            self.set_paused(kind == ToMaster.PAUSE, handoff=bool(message.get("handoff")))
 
     def on_daemon_gone(self, channel, reason: str) -> None:
         if self.phase is not MasterPhase.STOPPING:
@@ -329,16 +336,32 @@ class Master:
         if target != old:
             self.gunicorn_hook("nworkers_changed", target, old)
 
+    def set_paused(self, paused: bool, handoff: bool = False) -> None:
+        """Stand by (probation): every worker stops accepting and, with `handoff`, hands its
+        idle kept-alive connections to the serving generation, but stays alive with its app
+        loaded, so resuming costs no boot (and runs the code it loaded, not what is on disk now)."""
+        if paused == self.paused or self.phase is MasterPhase.STOPPING:
+            return
+        self.paused = paused
+        value = RESUMED
+        if paused:
+            value = PAUSED_HANDING_OFF if handoff and getattr(self.worker_cls, "TAKES_HANDOFF", False) else PAUSED
+        self.log.info("paused" if paused else "resumed", workers=len(self.workers))
+        for handle in self.workers.values():
+            handle.send(f"{PAUSE_KEY}={value}")
+        self.report.dirty = True
+
     def start_reload(self, settings: dict) -> None:
-        if self.phase is not MasterPhase.SERVING or self.reload:
-            self.channel.send({KIND: ToDaemon.RELOADED, "ok": False, "reason": f"cannot reload while {self.phase}"})
+        if self.phase is not MasterPhase.SERVING or self.reload or self.paused:
+            why = "paused" if self.paused else self.phase
+            self.channel.send({KIND: ToDaemon.RELOADED, "ok": False, "reason": f"cannot reload while {why}"})
             return
         self.reload = MasterReload(self, settings)
         self.reload.start()
 
     def recycle_workers(self) -> None:
         """max_worker_memory / max_worker_lifetime: replace one worker, successor first."""
-        if self.phase is not MasterPhase.SERVING or self.reload:
+        if self.phase is not MasterPhase.SERVING or self.reload or self.paused:
             return
         chosen = self.recycler.choose(self.workers.values(), time.monotonic())
         if chosen is None:

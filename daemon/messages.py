@@ -3,7 +3,8 @@
 Every message is a msgpack map whose "t" names its kind; the other keys are
 the kind's fields, listed beside it. The master also speaks to its own
 workers over their notify sockets in `KEY=VALUE` datagrams; `SERVE` is the
-one that crosses the daemon's cutover (a gated worker starts accepting).
+one that crosses the daemon's cutover (a gated worker starts accepting), and
+`PAUSE` stands a generation by and resumes it (probation, canary.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class ToMaster(StrEnum):
     RETIRE = "retire"            # pid: replace one worker
     DRAIN = "drain"              # sweep, timeout, handoff: finish in-flight work and exit
     STOP = "stop"                # quick stop
+    PAUSE = "pause"              # handoff: stand by (probation): stop accepting, keep the workers
+    RESUME = "resume"            # accept again after PAUSE: no worker boots
     REOPEN_LOGS = "reopen_logs"
 
 
@@ -47,3 +50,10 @@ def kind_of(msg) -> str | None:
 
 # Master -> worker notify datagram at cutover: the gated workers start accepting.
 SERVE = "SERVE=1"
+
+# Master -> worker notify datagrams of PAUSE / RESUME: stop accepting (and, with
+# "handoff", hand idle keep-alive connections to the serving generation) / accept again.
+PAUSE_KEY = "PAUSE"
+PAUSED, PAUSED_HANDING_OFF, RESUMED = "1", "handoff", "0"
+# Worker -> master: the worker now stands by (1) or accepts again (0).
+PAUSED_REPORT = "X_APPD_PAUSED"

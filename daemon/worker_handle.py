@@ -18,6 +18,7 @@ import os
 import socket
 import time
 
+from .messages import PAUSED_REPORT
 from .metrics import merge, parse_deltas
 from .workers.notify import parse
 
@@ -50,6 +51,7 @@ class WorkerHandle:
         self.unreported: dict = {}          # request counts not yet passed on to the daemon
         self.stop_cause: str | None = None  # why the master stopped it (worker exits metric)
         self.request_start: float | None = None  # wall time the current request began (sync worker)
+        self.paused = False  # it said it stands by (X_APPD_PAUSED=1): alive, app loaded, not accepting
 
     # --- questions the master asks ---
 
@@ -113,8 +115,13 @@ class WorkerHandle:
 
     @property
     def status(self) -> str:
-        """The state as `appdctl status` shows it (a killed worker is stopping)."""
-        return WorkerState.STOPPING.value if self.killed() else self.state.value
+        """The state as `appdctl status` shows it (a killed worker is stopping; a
+        standing-by one, paused)."""
+        if self.killed():
+            return WorkerState.STOPPING.value
+        if self.paused and self.taking_requests():
+            return "paused"
+        return self.state.value
 
     # --- transitions ---
 
@@ -182,6 +189,8 @@ class WorkerHandle:
                 self.request_age = float(fields.get("X_APPD_REQUEST_AGE") or 0)
                 self.request_start = float(fields["X_APPD_REQUEST_START"]) if "X_APPD_REQUEST_START" in fields \
                     else None
+            if PAUSED_REPORT in fields:
+                self.paused = fields[PAUSED_REPORT] == "1"
             if "X_APPD_METRICS" in fields:
                 merge(self.unreported, parse_deltas(fields["X_APPD_METRICS"]))
 

@@ -6,31 +6,15 @@ by hand, also across a daemon re-exec."""
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
+import threading
 from pathlib import Path
 
-from conftest import wait_until
+import pytest
+from conftest import Background, wait_until
 from loadgen import KeepAliveLoad, Load
 from test_upgrade import start_myapp, worker_pids, write_app
-
-
-def first_release(tmp_path: Path) -> Path:
-    """releases/1 (v1) and `current` pointing at it: a standing-by generation re-forks its
-    workers in its own release directory, so going back runs the old code."""
-    (tmp_path / "releases" / "1").mkdir(parents=True)
-    write_app(tmp_path / "releases" / "1", '"v1"')
-    (tmp_path / "current").symlink_to(tmp_path / "releases" / "1")
-    return tmp_path / "current"
-
-
-def deploy(tmp_path: Path, number: int, writer, *args) -> None:
-    """Write release `number` with writer(directory, *args) and swap `current` to it."""
-    directory = tmp_path / "releases" / str(number)
-    directory.mkdir(parents=True)
-    writer(directory, *args)
-    swap = tmp_path / "current.new"
-    swap.symlink_to(directory)
-    os.replace(swap, tmp_path / "current")
 
 
 def write_crashing_app(directory: Path) -> None:
@@ -61,14 +45,17 @@ def old_code_failures(load: Load) -> list:
     return [r for r in load.failures if not (r.status == 500 and r.body.startswith(b"v2"))]
 
 
-def test_probation_rolls_back_a_release_failing_30_percent_with_evidence(start_appd, tmp_path):
-    """Keep-alive clients (gthread) lose nothing either way: cutover hands their idle
-    connections to the new generation, the rollback resumes the old one and only then
-    drains the new one, which hands them back."""
-    appd = start_myapp(start_appd, first_release(tmp_path), "-w", "2", "--probation", "20",
+def test_probation_rolls_back_a_release_failing_30_percent_to_the_old_code_it_had_loaded(start_appd, tmp_path):
+    """The release rewrites myapp.py in place (no `current` symlink): the old generation
+    stood by paused with v1 loaded, so the rollback serves v1 from the same worker
+    processes (no boot, no re-import). Keep-alive clients (gthread) lose nothing either
+    way: cutover hands their idle connections to the new generation, the rollback
+    resumes the old one and only then drains the new one, which hands them back."""
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "-w", "2", "--probation", "20",
                        "--rollback-min-requests", "20", "--worker-class", "gthread", "--threads", "4")
     old = appd.serving_generation()
-    deploy(tmp_path, 2, write_failing_app, "n % 10 < 3")
+    write_failing_app(tmp_path, "n % 10 < 3")
     with KeepAliveLoad(appd.address, clients=4) as load:
         code, result = appd.ctl_json("upgrade")
         load.wait_for(20)
@@ -81,10 +68,63 @@ def test_probation_rolls_back_a_release_failing_30_percent_with_evidence(start_a
     assert "DATABASE_URL is not set" in error["output"]
     assert "5xx ratio" in error["reason"]
     serving = appd.serving_generation()
-    assert serving["id"] == old["id"] and serving["master_pid"] == old["master_pid"]  # resumed, no new boot
+    assert serving["id"] == old["id"] and serving["master_pid"] == old["master_pid"]
+    assert worker_pids(serving) == worker_pids(old), "resumed as they were: no worker boot"
+    wait_until(lambda: {w["state"] for w in appd.serving_generation()["workers"]} == {"ready"}, 10,
+               message="the resumed workers shown ready, not paused")
     assert appd.get("/")[2] == b"v1\n"
     assert not old_code_failures(load), load.report()
     assert appd.status()["last_operation"]["outcome"] == "rolled_back"
+
+
+def start_v1(start_appd, tmp_path, worker_class: str, *args: str):
+    """v1 serving: myapp.py (sync), or tests/apps/asgi_app.py (asgi); returns (appd, the
+    `appdctl upgrade` arguments of v2: myapp.py rewritten in place, or APP_VERSION=v2)."""
+    if worker_class == "asgi":
+        return start_appd("--worker-class", "asgi", "asgi_app:app", *args), ["--env", "APP_VERSION=v2"]
+    write_app(tmp_path, '"v1"')
+    appd = start_myapp(start_appd, tmp_path, "--worker-class", worker_class, *args)
+    write_app(tmp_path, '"v2"')
+    return appd, []
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "asgi"])
+def test_a_paused_generation_takes_no_connection_and_serves_the_backlog_once_resumed(
+        start_appd, tmp_path, worker_class):
+    """--hold ends a probation with the old generation paused (and so it stays across a
+    daemon re-exec). With the new generation's worker stopped (SIGSTOP), a new connection
+    waits in the shared backlog: the paused worker does not take it; `appdctl rollback`
+    resumes it, and it serves it (v1)."""
+    appd, v2 = start_v1(start_appd, tmp_path, worker_class, "-w", "1", "--probation", "0.5")
+    old = appd.serving_generation()
+    code, held = appd.ctl_json("upgrade", "--hold", *v2)
+    assert code == 0 and held["outcome"] == "held", held
+
+    def standby():
+        return next((g for g in appd.status()["generations"] if g["state"] == "standby"), None)
+    wait_until(lambda: [w["state"] for w in (standby() or {}).get("workers", [])] == ["paused"], 10,
+               message="the old worker paused")
+    assert appd.ctl("upgrade", "--daemon").returncode == 0  # the paused generation survives a re-exec
+    assert standby()["workers"][0]["state"] == "paused" and worker_pids(standby()) == worker_pids(old)
+    assert all(b"v2" in appd.get("/")[2] for _ in range(10)), "only the new generation accepts"
+    new_workers = worker_pids(appd.serving_generation())
+    rolled: list = []
+    for pid in new_workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        waiting = Background(appd.address, "/")
+        waiting.thread.join(1.0)
+        assert waiting.thread.is_alive(), f"a paused worker took the connection: {waiting.result}"
+        rollback = threading.Thread(target=lambda: rolled.append(appd.ctl_json("rollback")), daemon=True)
+        rollback.start()
+        assert b"v1" in waiting.join(20)[2]
+    finally:
+        for pid in new_workers:
+            os.kill(pid, signal.SIGCONT)
+    rollback.join(60)
+    assert rolled and rolled[0][0] == 0 and rolled[0][1]["outcome"] == "rolled_back", rolled
+    serving = appd.serving_generation()
+    assert serving["id"] == old["id"] and worker_pids(serving) == worker_pids(old)
 
 
 def test_canary_of_a_crashing_release_is_rolled_back_while_the_old_generation_serves(start_appd, tmp_path):

@@ -255,8 +255,8 @@ class HttpProtocol(WriteFlow, asyncio.Protocol):
             self.raw.clear()  # an idle point: nothing read belongs to a request not yet served
             self.raw_overflow = False
             self.deadline = self.loop.time() + server.keepalive
-        if server.stopping and server.on_idle is not None:
-            server.on_idle(self)  # handed on, if the worker hands connections on
+        if (server.stopping or server.handing_off) and server.on_idle is not None:
+            server.on_idle(self)  # handed on, if the worker hands connections on (stopping or paused)
 
     # --- refusals, deadlines, closing ---
 

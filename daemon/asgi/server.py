@@ -41,8 +41,8 @@ class ServerState:
         self.active: set = set()       # request cycles the app is running
         self.stopping = False
         self.on_connection_lost = None  # set by the worker: re-open accepting below the limit
-        self.handing_off = False        # stopping, and idle connections go to the serving workers
-        self.on_idle = None             # set by the worker: a connection of a stopping worker went idle
+        self.handing_off = False        # stopping or paused, and idle connections go to the serving workers
+        self.on_idle = None             # set by the worker: a connection of a stopping (or paused) worker went idle
 
     def scope_state(self) -> dict | None:
         state = self.lifespan_state

@@ -111,7 +111,10 @@ class AsgiWorker(Worker):
         self.handoff = handoff.Channel.from_env()
         self.listening = [(l.sock, listener_address(l), l.name) for l in self.listeners]
         self.accepting = False
-        self.set_accepting(True)
+        self.set_accepting(not self.paused)
+        self.loop.add_reader(self.reporter.sock.fileno(), self.check_orders)  # PAUSE / RESUME
+        if self.paused:
+            self.pause_changed(True)
         ticker = self.loop.create_task(self.tick())
         if self.alive:
             await self.stop_requested.wait()
@@ -174,7 +177,7 @@ class AsgiWorker(Worker):
             self.connect(conn, peer, address, name)
 
     def full(self) -> bool:
-        if len(self.server.connections) < self.max_connections:
+        if not self.paused and len(self.server.connections) < self.max_connections:
             return False
         self.set_accepting(False)
         return True
@@ -217,8 +220,24 @@ class AsgiWorker(Worker):
             self.server.remove(protocol)
             conn.close()
 
+    def pause_changed(self, paused: bool) -> None:
+        """Stand by: accept nothing (listeners nor handed-on connections), hand idle
+        connections on (each one also as it turns idle after its response: on_idle),
+        answer requests in progress and pipelined ones. Resume: accept again."""
+        server = self.server
+        if server is None or server.stopping or not self.alive:  # not serving yet (main() applies it),
+            return                                                # or stopping: the stop decides handoff
+        if paused:
+            self.set_accepting(False)
+            server.handing_off = self.handoff is not None and self.reporter.pause_hands_off
+            self.release_idle(self.idle_connections())
+        else:
+            server.handing_off = False
+            self.set_accepting(len(server.connections) < self.max_connections)
+
     def _below_limit(self) -> None:
-        if self.alive and not self.accepting and len(self.server.connections) < self.max_connections:
+        if self.alive and not self.paused and not self.accepting \
+                and len(self.server.connections) < self.max_connections:
             self.set_accepting(True)
 
     # --- stopping ---

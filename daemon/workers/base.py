@@ -7,6 +7,10 @@ Signals (sent by the master):
   INT, QUIT   quick: exit now
   ABRT        hung (timeout): log where it is stuck, then exit
   USR1        reopen log files
+
+Datagrams from the master (notify.py): PAUSE=1 / PAUSE=handoff stand the worker by
+(probation: it accepts nothing, hands idle connections on with "handoff", stays
+alive and heartbeating with its app loaded); PAUSE=0 resumes it.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Worker:
         self.accept_paused_until = 0.0
         self.accept_failures = 0
         self.view = None  # what gunicorn-style hooks get as `worker`
+        self.paused = False  # standing by (PAUSE from the master), as last acknowledged
         limit = cfg["max_requests"]
         self.max_requests = limit + random.randint(0, cfg["max_requests_jitter"]) if limit else 0
 
@@ -154,10 +159,10 @@ class Worker:
         selector.register(self.wake_r, selectors.EVENT_READ)
         try:
             while self.alive and self.master_alive():
-                self.heartbeat()
-                for key, _ in self.wait_readable(selector, self.until_next_heartbeat()):
-                    if key.fileobj is self.reporter.sock and self.reporter.told_to_serve():
-                        return True
+                self.heartbeat()  # may read SERVE=1 itself: the reporter keeps what it read
+                if self.reporter.told_to_serve():
+                    return True
+                self.wait_readable(selector, self.until_next_heartbeat())
             return False
         finally:
             selector.close()
@@ -170,6 +175,36 @@ class Worker:
             self.last_heartbeat = now
             self.reporter.heartbeat(self.requests, *self.load_now())
             self.report_counts()
+            if self.serving:
+                self.check_orders()  # a busy worker may never wait on the notify socket
+
+    def check_orders(self) -> None:
+        """Read the master's datagrams; on PAUSE / RESUME, act and acknowledge."""
+        self.reporter.read()
+        paused = self.reporter.paused
+        if paused != self.paused:
+            self.paused = paused
+            self.pause_changed(paused)
+            self.reporter.paused_now(paused)
+            self.log.info("worker_paused" if paused else "worker_resumed", requests=self.requests)
+
+    def pause_changed(self, paused: bool) -> None:
+        """Stop / start accepting (the serving loop reads self.paused); subclasses that
+        hold connections also hand their idle ones on."""
+
+    def stand_by(self) -> None:
+        """Paused (a worker that holds no connections): accept nothing, keep heartbeating,
+        until resumed, told to stop, or the master is gone. Connections wait in the backlog."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.reporter.sock, selectors.EVENT_READ)
+        selector.register(self.wake_r, selectors.EVENT_READ)
+        try:
+            while self.alive and self.paused and self.master_alive():
+                self.heartbeat()
+                self.wait_readable(selector, self.until_next_heartbeat())
+                self.check_orders()
+        finally:
+            selector.close()
 
     def report_counts(self) -> None:
         """The request metrics counted since the last report, as one datagram (deltas)."""

@@ -51,7 +51,8 @@ class ThreadWorker(Worker):
                     break
                 self.heartbeat()
                 self.poll_once()
-                self.set_accepting(self.connections() < self.max_connections and self.may_accept())
+                self.set_accepting(not self.paused and self.connections() < self.max_connections
+                                   and self.may_accept())
             self.stop_serving()
         finally:
             self.selector.close()
@@ -83,28 +84,36 @@ class ThreadWorker(Worker):
         self.last_expiry = 0.0
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.selector.register(self.reporter.sock, selectors.EVENT_READ, ("orders", None))
         self.listening = [(l.sock, server_info(l, cfg, multithread=True), l.name) for l in self.listeners]
         self.accepting = False
         for thread in self.pool:  # last: the limits above are logged as early as before
             thread.start()
-        self.set_accepting(True)
+        self.set_accepting(not self.paused)
+        if self.paused:
+            self.pause_changed(True)
 
     def poll_once(self) -> None:
         timeout = min(self.until_next_heartbeat(), POLL_INTERVAL)
         events = self.wait_readable(self.selector, timeout)
         self.wake_pending = False  # before take_returned(): a later return writes again
+        orders = False
         for key, _ in events:
             if key.data is None:
                 continue
             kind, value = key.data
             if kind == "kept":
                 self.on_readable(value)
-            elif not self.alive:
-                continue  # told to stop while waiting: take nothing new
+            elif kind == "orders":
+                orders = True  # after this batch: a pause hands on connections it may name
+            elif not self.alive or self.paused:
+                continue  # told to stop (or to stand by) while waiting: take nothing new
             elif kind == "listener":
                 self.accept(key.fileobj, *value)
             else:
                 self.take_handed()
+        if orders:
+            self.check_orders()
         self.take_returned()
         self.dispatch()
         self.expire()
@@ -205,6 +214,20 @@ class ThreadWorker(Worker):
                 self.selector.register(source, selectors.EVENT_READ, data)
             else:
                 self.selector.unregister(source)
+
+    def pause_changed(self, paused: bool) -> None:
+        """Stand by: accept nothing (listeners nor handed-on connections), hand idle
+        connections on as a stopping worker does, answer requests in progress and
+        pipelined ones; the ones that cannot move (TLS) are served here. Resume: accept again."""
+        if not hasattr(self, "selector") or not self.alive:  # not serving yet (serve() applies it),
+            return                                             # or stopping: the stop decides handoff
+        if paused:
+            self.set_accepting(False)
+            self.handing_off = self.handoff is not None and self.reporter.pause_hands_off
+            if self.handing_off:
+                self.pass_on_held()
+        else:
+            self.handing_off = False  # the poller's loop accepts again
 
     # --- connections in the threads ---
 
@@ -307,7 +330,7 @@ class ThreadWorker(Worker):
 
     def _graceful(self, signum, frame) -> None:
         # Decided before `alive` flips, so no response in between says `Connection: close`.
-        if self.serving and not self.handing_off:
+        if self.serving and (not self.handing_off or self.paused):
             self.handing_off = self.handoff_wanted()
         super()._graceful(signum, frame)
 

@@ -7,14 +7,16 @@ X_APPD_REQUESTS=n, X_APPD_BUSY=n and X_APPD_REQUEST_AGE=s (requests in
 progress, the oldest one's age), X_APPD_BOOT_ERROR=<text to the end>.
 The master answers a booting generation's workers with SERVE=1 at cutover,
 and sends HANDOFF=1 just before a graceful stop signal when the serving
-workers take this worker's idle connections (appd.handoff).
+workers take this worker's idle connections (appd.handoff), and PAUSE=1 /
+PAUSE=handoff / PAUSE=0 to stand the worker by and resume it (probation);
+the worker acknowledges with X_APPD_PAUSED=1 / 0.
 """
 
 from __future__ import annotations
 
 import socket
 
-from ..messages import SERVE
+from ..messages import PAUSE_KEY, PAUSED_HANDING_OFF, PAUSED_REPORT, RESUMED, SERVE
 
 BOOT_ERROR = "X_APPD_BOOT_ERROR="
 _SERVE_KEY, _, _SERVE_VALUE = SERVE.partition("=")
@@ -37,6 +39,7 @@ class Reporter:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.received: dict[str, str] = {}  # the master's fields, latest value of each
         sock.setblocking(False)
 
     def send(self, text: str) -> None:
@@ -54,23 +57,34 @@ class Reporter:
             text += f"\nX_APPD_BUSY={busy}\nX_APPD_REQUEST_AGE={request_age:.3f}"
         self.send(text)
 
-    def told_to_serve(self) -> bool:
-        """Read the master's datagrams; True once it sent SERVE=1."""
+    def read(self) -> dict[str, str]:
+        """Take the master's pending datagrams; every field it ever sent, latest value."""
         try:
             while True:
-                if parse(self.sock.recv(4096)).get(_SERVE_KEY) == _SERVE_VALUE:
-                    return True
+                self.received.update(parse(self.sock.recv(4096)))
         except OSError:
-            return False
+            return self.received
+
+    def told_to_serve(self) -> bool:
+        """True once the master sent SERVE=1."""
+        return self.read().get(_SERVE_KEY) == _SERVE_VALUE
 
     def orders(self) -> dict[str, str]:
-        """Every field the master sent and nobody read yet (e.g. HANDOFF=1 before a stop)."""
-        fields: dict[str, str] = {}
-        try:
-            while True:
-                fields.update(parse(self.sock.recv(4096)))
-        except OSError:
-            return fields
+        """Every field the master sent (e.g. HANDOFF=1 before a stop)."""
+        return self.read()
+
+    @property
+    def paused(self) -> bool:
+        """Told to stand by (as last read): accept nothing until PAUSE=0."""
+        return self.received.get(PAUSE_KEY, RESUMED) != RESUMED
+
+    @property
+    def pause_hands_off(self) -> bool:
+        """Paused, and the serving generation takes this worker's idle connections."""
+        return self.received.get(PAUSE_KEY) == PAUSED_HANDING_OFF
+
+    def paused_now(self, paused: bool) -> None:
+        self.send(f"{PAUSED_REPORT}={int(paused)}")
 
     def boot_error(self, text: str) -> None:
         self.send(BOOT_ERROR + text[-60000:])

@@ -62,12 +62,16 @@ class SyncWorker(Worker):
         for acceptor, _ in sockets:
             selector.register(acceptor.sock, selectors.EVENT_READ)
         selector.register(self.wake_r, selectors.EVENT_READ)
+        selector.register(self.reporter.sock, selectors.EVENT_READ)  # PAUSE wakes an idle worker
         access_log = RequestLog(self)
         app = self.app
         while self.alive:
+            if self.paused:
+                self.stand_by()
+                continue
             served = 0
             for sock, info in sockets:
-                if not self.alive:
+                if not self.alive or self.paused:
                     break
                 served += self.accept_one(sock, info, app, access_log)
             if served:
@@ -77,7 +81,9 @@ class SyncWorker(Worker):
                 self.log.warning("master_gone", detail="stopping")
                 break
             self.heartbeat()
-            self.wait_readable(selector, self.until_next_heartbeat())
+            if any(key.fileobj is self.reporter.sock
+                   for key, _ in self.wait_readable(selector, self.until_next_heartbeat())):
+                self.check_orders()
         if self.sweep:
             self.sweep_backlog(sockets, app, access_log)
         selector.close()

@@ -12,7 +12,7 @@ from appd.canary import decide_by_hand, upgrade_operation
 from appd.generation import GenerationState as State
 from appd.messages import KIND, ToDaemon, ToMaster
 
-from .fakes import FakeChannel, Recorder, make_daemon, post, ready, sent, serving_daemon, tick, workers
+from .fakes import FakeChannel, Recorder, kinds, make_daemon, post, ready, sent, serving_daemon, tick, workers
 
 
 def upgrade(daemon, **args):
@@ -37,10 +37,32 @@ def on_probation(flags=None):
     return daemon, old, new, responder
 
 
-def test_probation_keeps_the_old_generation_standing_by_and_resumes_it_over_the_error_rate():
+def test_probation_pauses_the_old_generation_and_resumes_it_at_once_over_the_error_rate():
     daemon, old, new, responder = on_probation()
     assert daemon.serving is new and old.state == State.STANDBY
+    assert sent(old)[-1] == {KIND: ToMaster.PAUSE, "handoff": False}, "stops accepting, its workers stay"
+    assert ToMaster.SCALE not in kinds(old), "no worker is stopped"
+    report(daemon, new, ok=15, errors=5)
+    tick(daemon, 1)
+    assert kinds(old)[-2:] == [ToMaster.RESUME, ToMaster.SCALE] and sent(old)[-1]["target"] == 2
+    # The paused workers accept again at once: no boot to wait for, and only then does the new one drain.
+    assert daemon.serving is old and new.state == State.DRAINING and sent(new)[-1][KIND] == ToMaster.DRAIN
+    daemon.generations.exited(new, "exit 0")
+    error = responder.error
+    assert error["code"] == codes.ROLLED_BACK and "5xx ratio 0.250" in error["reason"]
+    assert error["evidence"]["failing_paths"] == [["/pay", 5]] and error["evidence"]["requests"] == 20
+    assert daemon.metrics.operations.get("upgrade|rolled_back", [0])[0] == 1
+
+
+def test_gthread_workers_hand_their_idle_connections_on_as_they_pause():
+    daemon, old, new, responder = on_probation({"worker_class": "gthread"})
+    assert sent(old)[-1] == {KIND: ToMaster.PAUSE, "handoff": True}
+
+
+def test_command_workers_cannot_pause_and_stand_by_at_0_workers_resuming_once_forked_again():
+    daemon, old, new, responder = on_probation({"worker_class": "command", "command": ["server"]})
     assert sent(old)[-1] == {KIND: ToMaster.SCALE, "target": 0}, "stops accepting, its master stays"
+    workers(daemon, old, 0)
     report(daemon, new, ok=15, errors=5)
     tick(daemon, 1)
     assert sent(old)[-1] == {KIND: ToMaster.SCALE, "target": 2}, "resumes"
@@ -48,10 +70,7 @@ def test_probation_keeps_the_old_generation_standing_by_and_resumes_it_over_the_
     workers(daemon, old, 2)
     assert daemon.serving is old and new.state == State.DRAINING and sent(new)[-1][KIND] == ToMaster.DRAIN
     daemon.generations.exited(new, "exit 0")
-    error = responder.error
-    assert error["code"] == codes.ROLLED_BACK and "5xx ratio 0.250" in error["reason"]
-    assert error["evidence"]["failing_paths"] == [["/pay", 5]] and error["evidence"]["requests"] == 20
-    assert daemon.metrics.operations.get("upgrade|rolled_back", [0])[0] == 1
+    assert responder.error["code"] == codes.ROLLED_BACK
 
 
 def test_too_few_requests_cannot_roll_back_and_a_passed_probation_drains_the_old():
@@ -74,8 +93,7 @@ def test_worker_crashes_during_probation_roll_back():
     assert old.state == State.STANDBY, "one crash is not a crash loop"
     report(daemon, new, exits=["timeout"])
     tick(daemon, 1)
-    assert sent(old)[-1] == {KIND: ToMaster.SCALE, "target": 2}
-    workers(daemon, old, 2)
+    assert kinds(old)[-2:] == [ToMaster.RESUME, ToMaster.SCALE] and daemon.serving is old
     daemon.generations.exited(new, "exit 0")
     assert responder.error["code"] == codes.ROLLED_BACK
     assert "1 worker crash(es) and 1 timeout" in responder.error["reason"]
@@ -84,9 +102,7 @@ def test_worker_crashes_during_probation_roll_back():
 def test_a_new_master_that_dies_during_probation_resumes_the_old_one():
     daemon, old, new, responder = on_probation()
     daemon.generations.exited(new, "killed by SIGSEGV")
-    assert sent(old)[-1] == {KIND: ToMaster.SCALE, "target": 2} and responder.error is None
-    workers(daemon, old, 2)
-    assert daemon.serving is old
+    assert kinds(old)[-2:] == [ToMaster.RESUME, ToMaster.SCALE] and daemon.serving is old
     assert responder.error["code"] == codes.ROLLED_BACK and "SIGSEGV" in responder.error["reason"]
 
 
@@ -156,3 +172,40 @@ def test_a_held_canary_survives_exported_and_adopted_state_and_is_rolled_back_th
     after.generations.exited(canary, "exit 0")
     assert rollback.result["outcome"] == "rolled_back"
     assert rollback.result["evidence"]["failing_paths"] == [["/login", 2]], "outcomes came across"
+
+
+def test_a_held_probation_survives_exported_and_adopted_state_and_is_rolled_back_there():
+    daemon, old = serving_daemon({"probation": 5})
+    responder, new = upgrade(daemon, hold=True)
+    ready(daemon, new)
+    assert old.state == State.STANDBY and kinds(old)[-1] == ToMaster.PAUSE
+    tick(daemon, 6)
+    assert responder.result["outcome"] == "held" and daemon.operation is None
+    other = Recorder()
+    daemon.begin(upgrade_operation(daemon, other, {}))
+    assert other.error["code"] == codes.BUSY and "held (standby)" in other.error["message"]
+    entries = msgpack.unpackb(msgpack.packb(daemon.generations.export_state(daemon.clock())), raw=False)
+    after = make_daemon({"workers": 2, "probation": 5})  # the re-exec'd daemon
+    after.generations.adopt(entries, daemon.generations.next_id)
+    for generation in after.generations:
+        generation.channel = FakeChannel()
+    standby, serving = after.generations[0], after.generations[-1]
+    assert standby.state == State.STANDBY and after.serving is serving
+    rollback = Recorder()
+    decide_by_hand(after, "rollback", rollback)
+    assert kinds(standby) == [ToMaster.RESUME, ToMaster.SCALE] and after.serving is standby
+    assert serving.state == State.DRAINING and kinds(serving) == [ToMaster.DRAIN]
+    after.generations.exited(serving, "exit 0")
+    assert rollback.result["outcome"] == "rolled_back"
+
+
+def test_a_held_probation_is_promoted_by_hand():
+    daemon, old = serving_daemon({"probation": 5})
+    responder, new = upgrade(daemon, hold=True)
+    ready(daemon, new)
+    tick(daemon, 6)
+    promote = Recorder()
+    decide_by_hand(daemon, "promote", promote)
+    assert old.state == State.DRAINING and kinds(old)[-1] == ToMaster.DRAIN and daemon.serving is new
+    daemon.generations.exited(old, "exit 0")
+    assert promote.result["outcome"] == "done" and promote.result["generation"] == new.id
