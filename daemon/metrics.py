@@ -19,7 +19,7 @@ from .probation import FAILURE_PREFIX, MAX_FAILURE_KEYS, MAX_PATH
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "WEBSOCKET"}
-WORKER_STATES = ("booting", "idle", "busy", "stopping")
+WORKER_STATES = ("booting", "idle", "busy", "paused", "stopping")
 # Connections a worker took from the handoff channel travel in the same deltas, under
 # this pseudo-method (never a client's: an unknown method is counted as OTHER).
 HANDOFF = "HANDOFF"
@@ -243,8 +243,8 @@ class Collector:
 
 
 def worker_state(worker: dict) -> str:
-    if worker["state"] == "stopping":
-        return "stopping"
-    if worker["state"] == "booting":
-        return "booting"
+    """The gauge's state: status' own where it is one of ours, else busy or idle.
+    A paused worker (a generation standing by in probation) finishing a request is paused."""
+    if worker["state"] in ("stopping", "booting", "paused"):
+        return worker["state"]
     return "busy" if worker.get("busy") else "idle"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import Background, wait_until
 from loadgen import KeepAliveLoad, Load
+from test_metrics import scrape, total
 from test_upgrade import start_myapp, worker_pids, write_app
 
 
@@ -95,7 +96,8 @@ def test_a_paused_generation_takes_no_connection_and_serves_the_backlog_once_res
     daemon re-exec). With the new generation's worker stopped (SIGSTOP), a new connection
     waits in the shared backlog: the paused worker does not take it; `appdctl rollback`
     resumes it, and it serves it (v1)."""
-    appd, v2 = start_v1(start_appd, tmp_path, worker_class, "-w", "1", "--probation", "0.5")
+    appd, v2 = start_v1(start_appd, tmp_path, worker_class, "-w", "1", "--probation", "0.5",
+                        "--metrics-bind", "127.0.0.1:0")
     old = appd.serving_generation()
     code, held = appd.ctl_json("upgrade", "--hold", *v2)
     assert code == 0 and held["outcome"] == "held", held
@@ -106,6 +108,7 @@ def test_a_paused_generation_takes_no_connection_and_serves_the_backlog_once_res
                message="the old worker paused")
     assert appd.ctl("upgrade", "--daemon").returncode == 0  # the paused generation survives a re-exec
     assert standby()["workers"][0]["state"] == "paused" and worker_pids(standby()) == worker_pids(old)
+    assert total(scrape(appd), "appd_workers", state="paused", generation=str(old["id"])) == 1
     assert all(b"v2" in appd.get("/")[2] for _ in range(10)), "only the new generation accepts"
     new_workers = worker_pids(appd.serving_generation())
     rolled: list = []
