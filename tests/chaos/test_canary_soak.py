@@ -15,9 +15,18 @@ from pathlib import Path
 import pytest
 
 from loadgen import KeepAliveLoad, Load
-from test_canary import deploy
 
 ROUNDS = int(os.environ.get("APPD_CHAOS_CANARY_ROUNDS", "3"))
+
+
+def deploy(tmp_path: Path, number: int, writer, *args) -> None:
+    """Write release `number` with writer(directory, *args) and swap `current` to it."""
+    directory = tmp_path / "releases" / str(number)
+    directory.mkdir(parents=True)
+    writer(directory, *args)
+    swap = tmp_path / "current.new"
+    swap.symlink_to(directory)
+    os.replace(swap, tmp_path / "current")
 
 
 def wsgi_release(directory: Path, body: str) -> None:
