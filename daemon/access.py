@@ -108,16 +108,16 @@ class RequestLog:
 
     def __init__(self, worker):
         cfg = worker.cfg
-        self.destination = log.LogFile(cfg["access_log"]) if cfg.get("access_log") else None
+        self.destination = log.LogFile(cfg.access_log) if cfg.access_log else None
         if self.destination is not None:
             log.register(self.destination)
-        self.json = cfg.get("log_format") == "json"
-        self.format = cfg.get("access_log_format")
+        self.json = cfg.log_format == "json"
+        self.format = cfg.access_log_format
         self.keys = _ATOM.findall(self.format) if self.format else []
         self.worker = worker
         self.counts = getattr(worker, "counts", None)  # request metrics (metrics_bind/statsd_host)
-        self.pre_request = cfg.get("pre_request")
-        self.post_request = cfg.get("post_request")
+        self.pre_request = cfg.pre_request
+        self.post_request = cfg.post_request
 
     def __bool__(self) -> bool:
         return bool(self.destination or self.pre_request or self.post_request or self.counts)

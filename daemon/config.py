@@ -219,9 +219,10 @@ BY_NAME = {s.name: s for s in SETTINGS}
 class Settings:
     """The effective settings, frozen: `cfg.workers`. The daemon gets one from load();
     a master rebuilds one from the values the daemon sends (Settings(values)).
-    Read-only mapping access (`cfg["workers"]`, `cfg.get(...)`) stays for the worker
-    code that still uses it. `sources`: where each value came from; `notes`: lines
-    to show at start (gunicorn settings that are not needed)."""
+    Read-only mapping access (`cfg["workers"]`, `cfg.get(...)`) is for the gunicorn
+    hook views (hooks.py), which look settings up by gunicorn's names. `sources`:
+    where each value came from; `notes`: lines to show at start (gunicorn settings
+    that are not needed)."""
 
     __slots__ = ("_values", "_sources", "notes")
 

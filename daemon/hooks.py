@@ -131,8 +131,8 @@ class ServerView:
         self.app = SimpleNamespace(cfg=self.cfg)
         self.pid = master.pid
         self.generation = master.generation
-        self.proc_name = master.cfg.get("proc_name") or "appd"
-        self.timeout = master.cfg.get("timeout")
+        self.proc_name = master.cfg.proc_name or "appd"
+        self.timeout = master.cfg.timeout
         self.master_name = "Master"
 
     @property
@@ -157,9 +157,9 @@ class WorkerServerView:
         self.log = GunicornLog(worker.log)
         self.app = SimpleNamespace(cfg=self.cfg)
         self.generation = worker.generation
-        self.proc_name = worker.cfg.get("proc_name") or "appd"
-        self.timeout = worker.cfg.get("timeout")
-        self.num_workers = worker.cfg.get("workers")
+        self.proc_name = worker.cfg.proc_name or "appd"
+        self.timeout = worker.cfg.timeout
+        self.num_workers = worker.cfg.workers
 
 
 class HandleView:
@@ -184,7 +184,7 @@ class WorkerView:
         self.age = worker.serial
         self.cfg = CfgView(worker.cfg)
         self.log = GunicornLog(worker.log)
-        self.timeout = worker.cfg.get("timeout")
+        self.timeout = worker.cfg.timeout
         self.max_requests = worker.max_requests
         self.sockets = [listener.sock for listener in worker.listeners]
         self.booted = False

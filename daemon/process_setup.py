@@ -23,21 +23,21 @@ class SetupError(SystemExit):
     """The generation cannot run as configured; the message names the setting."""
 
 
-def prepare(cfg: dict) -> None:
-    for pair in cfg.get("raw_env") or []:
+def prepare(cfg) -> None:
+    for pair in cfg.raw_env or []:
         name, _, value = pair.partition("=")
         os.environ[name] = value
-    for directory in reversed((cfg.get("pythonpath") or "").split(",")):
+    for directory in reversed((cfg.pythonpath or "").split(",")):
         if directory.strip():
             sys.path.insert(0, os.path.abspath(directory.strip()))
-    if cfg.get("umask") is not None:
-        os.umask(cfg["umask"])
-    if cfg.get("logconfig_dict"):
-        _configure_stdlib_logging(cfg["logconfig_dict"])
-    if cfg.get("capture_output"):
-        capture_output(cfg.get("error_log") or "-")
-    if cfg.get("user") or cfg.get("group"):
-        switch_user(cfg.get("user"), cfg.get("group"), bool(cfg.get("initgroups")), cfg)
+    if cfg.umask is not None:
+        os.umask(cfg.umask)
+    if cfg.logconfig_dict:
+        _configure_stdlib_logging(cfg.logconfig_dict)
+    if cfg.capture_output:
+        capture_output(cfg.error_log or "-")
+    if cfg.user or cfg.group:
+        switch_user(cfg.user, cfg.group, bool(cfg.initgroups), cfg)
 
 
 def _configure_stdlib_logging(config: dict) -> None:
@@ -76,14 +76,14 @@ def resolve_ids(user: str | None, group: str | None) -> tuple[int, int, str | No
     return uid, gid, name
 
 
-def switch_user(user: str | None, group: str | None, initgroups: bool, cfg: dict) -> None:
+def switch_user(user: str | None, group: str | None, initgroups: bool, cfg) -> None:
     uid, gid, name = resolve_ids(user, group)
     if (uid, gid) == (os.getuid(), os.getgid()):
         return
     if os.geteuid() != 0:
         raise SetupError(f"appd: running as uid {os.geteuid()}, cannot switch to user {user!r} / "
                          f"group {group!r}; start appd as root or drop user/group")
-    for path in (cfg.get("error_log"), cfg.get("access_log")):
+    for path in (cfg.error_log, cfg.access_log):
         if path and path != "-":
             open(path, "a").close()  # workers open the access log after the switch
             os.chown(path, uid, gid)  # and reopen-logs keeps working as the new user

@@ -20,8 +20,8 @@ REPLACED_CAUSES = ("retire", "timeout", "crash", "max_requests")
 
 class Recycler:
     def __init__(self, cfg: dict):
-        self.memory = cfg.get("max_worker_memory") or 0
-        self.lifetime = cfg.get("max_worker_lifetime") or 0.0
+        self.memory = cfg.max_worker_memory or 0
+        self.lifetime = cfg.max_worker_lifetime or 0.0
         self.lifetimes: dict[int, float] = {}  # pid -> this worker's lifetime, jitter included
         self.next_check = 0.0
         self.replaced: deque = deque(maxlen=REMEMBERED)

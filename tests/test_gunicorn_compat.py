@@ -197,8 +197,8 @@ def test_access_log_json_uses_the_format_atoms_as_keys(tmp_path):
     import json
 
     class W:
-        cfg = {"access_log": str(tmp_path / "a.log"), "log_format": "json",
-               "access_log_format": '%(h)s "%(r)s" %(s)s %({x-request-id}i)s'}
+        cfg = config.Settings({"access_log": str(tmp_path / "a.log"), "log_format": "json",
+                               "access_log_format": '%(h)s "%(r)s" %(s)s %({x-request-id}i)s'})
         log = view = None
     request_log = RequestLog(W())
     request_log.write({"REMOTE_ADDR": "10.0.0.1", "REQUEST_METHOD": "GET", "RAW_URI": "/",
@@ -213,9 +213,9 @@ def test_access_log_json_uses_the_format_atoms_as_keys(tmp_path):
 def proxied(peer: str, **headers) -> dict:
     environ = {"REMOTE_ADDR": peer, "REMOTE_PORT": "5000", "wsgi.url_scheme": "http", "SCRIPT_NAME": "",
                "PATH_INFO": "/shop/cart", **{"HTTP_" + k: v for k, v in headers.items()}}
-    ProxyRules({"forwarded_allow_ips": ["127.0.0.1", "10.0.0.0/8"],
-                "secure_scheme_headers": {"X-FORWARDED-PROTO": "https"},
-                "forwarder_headers": ["SCRIPT_NAME"]}).apply(environ)
+    ProxyRules(config.Settings({"forwarded_allow_ips": ["127.0.0.1", "10.0.0.0/8"],
+                                "secure_scheme_headers": {"X-FORWARDED-PROTO": "https"},
+                                "forwarder_headers": ["SCRIPT_NAME"]})).apply(environ)
     return environ
 
 

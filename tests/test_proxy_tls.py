@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from appd.config import Settings
 from appd.http import ServerInfo
 from appd.http.proxy import ConnectionSetup, tls_context
 from http_harness import read_until_close, serving
@@ -22,7 +23,7 @@ PROXY_DEFAULTS = {"forwarded_allow_ips": ["127.0.0.1"], "secure_scheme_headers":
 
 
 def info(port_hint: str = "0", **cfg) -> ServerInfo:
-    cfg = {**PROXY_DEFAULTS, "proxy_protocol": "off", **cfg}
+    cfg = Settings({**PROXY_DEFAULTS, "proxy_protocol": "off", **cfg})
     return ServerInfo("127.0.0.1", port_hint, setup=ConnectionSetup(cfg, tls_context(cfg)))
 
 

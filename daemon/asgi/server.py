@@ -24,12 +24,12 @@ class ServerState:
                  count_request) -> None:
         self.loop = loop
         self.app = app
-        self.keepalive = cfg["keepalive"]
-        self.header_timeout = cfg["header_timeout"]
-        self.ws_drain_timeout = cfg.get("websocket_drain_timeout") or 0.0
-        self.limit_line = cfg["limit_request_line"]
-        self.limit_fields = cfg["limit_request_fields"]
-        self.limit_field_size = cfg["limit_request_field_size"]
+        self.keepalive = cfg.keepalive
+        self.header_timeout = cfg.header_timeout
+        self.ws_drain_timeout = cfg.websocket_drain_timeout or 0.0
+        self.limit_line = cfg.limit_request_line
+        self.limit_fields = cfg.limit_request_fields
+        self.limit_field_size = cfg.limit_request_field_size
         if self.limit_line and self.limit_fields and self.limit_field_size:
             self.max_head = self.limit_line + 4 + self.limit_fields * (self.limit_field_size + 2) + 2
         else:

@@ -60,11 +60,11 @@ class Peers:
 # --- per request: what a trusted proxy says about the client ---
 
 class ProxyRules:
-    def __init__(self, cfg: dict):
-        self.trusted = Peers(cfg.get("forwarded_allow_ips") or [])
+    def __init__(self, cfg):
+        self.trusted = Peers(cfg.forwarded_allow_ips or [])
         self.secure = [("HTTP_" + name.upper().replace("-", "_"), value.lower())
-                       for name, value in (cfg.get("secure_scheme_headers") or {}).items()]
-        self.forwarders = [name.upper() for name in cfg.get("forwarder_headers") or []]
+                       for name, value in (cfg.secure_scheme_headers or {}).items()]
+        self.forwarders = [name.upper() for name in cfg.forwarder_headers or []]
         # The headers that matter: most requests carry none, and cost one scan of this tuple.
         self.watched = tuple({key for key, _ in self.secure} | {"HTTP_X_FORWARDED_FOR"}
                              | {"HTTP_" + name for name in self.forwarders})
@@ -107,9 +107,9 @@ class ProxyRules:
 # --- per connection: PROXY header, then TLS ---
 
 class ConnectionSetup:
-    def __init__(self, cfg: dict, tls: ssl.SSLContext | None):
-        self.mode = cfg.get("proxy_protocol") or "off"
-        self.proxy_peers = Peers(cfg.get("proxy_allow_ips") or [])
+    def __init__(self, cfg, tls: ssl.SSLContext | None):
+        self.mode = cfg.proxy_protocol or "off"
+        self.proxy_peers = Peers(cfg.proxy_allow_ips or [])
         self.tls = tls
         self.rules = ProxyRules(cfg)
 
@@ -222,13 +222,13 @@ def _read_v2(sock: socket.socket) -> tuple | None:
 
 # --- TLS ---
 
-def tls_context(cfg: dict) -> ssl.SSLContext | None:
+def tls_context(cfg) -> ssl.SSLContext | None:
     """The worker's server context, or None without certfile. Built at worker boot, so a
     reload (new workers) picks up a renewed certificate."""
-    if not cfg.get("certfile"):
+    if not cfg.certfile:
         return None
-    return _tls_context(cfg["certfile"], cfg.get("keyfile"), cfg.get("ca_certs"),
-                        cfg.get("cert_reqs") or 0, cfg.get("ciphers"))
+    return _tls_context(cfg.certfile, cfg.keyfile, cfg.ca_certs,
+                        cfg.cert_reqs or 0, cfg.ciphers)
 
 
 @functools.lru_cache(maxsize=4)
@@ -244,7 +244,7 @@ def _tls_context(certfile, keyfile, ca_certs, cert_reqs, ciphers) -> ssl.SSLCont
     return context
 
 
-def connection_setup(listener, cfg: dict) -> ConnectionSetup:
+def connection_setup(listener, cfg) -> ConnectionSetup:
     """What one listener's connections go through; TLS only on TCP listeners."""
     is_tcp = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
     return ConnectionSetup(cfg, tls_context(cfg) if is_tcp else None)

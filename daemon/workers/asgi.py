@@ -69,10 +69,10 @@ class AsgiWorker(Worker):
         try:
             self.loop = new_event_loop()
             asyncio.set_event_loop(self.loop)
-            self.app = loading.load(self.cfg["app"], self.cfg.get("factory", False), self.app)
+            self.app = loading.load(self.cfg.app, self.cfg.factory, self.app)
             self.lifespan = Lifespan(self.app, self.loop)
             self.loop.run_until_complete(self.lifespan.startup())
-            path = self.cfg["ready_check"]
+            path = self.cfg.ready_check
             if path:
                 state = self.lifespan.state if self.lifespan.supported else None
                 ok, status = self.loop.run_until_complete(loading.ready_check(self.app, path, state))
@@ -90,7 +90,7 @@ class AsgiWorker(Worker):
     def wait_for_cutover(self) -> bool:
         if super().wait_for_cutover():
             return True
-        self.loop.run_until_complete(self.lifespan.shutdown(self.cfg["graceful_timeout"]))
+        self.loop.run_until_complete(self.lifespan.shutdown(self.cfg.graceful_timeout))
         return False
 
     # --- serving ---
@@ -107,7 +107,7 @@ class AsgiWorker(Worker):
         self.server = ServerState(self.loop, self.app, cfg, access_log, state, self.count_request)
         self.server.on_connection_lost = self._below_limit
         self.server.on_idle = self.pass_on
-        self.max_connections = cfg["worker_connections"]
+        self.max_connections = cfg.worker_connections
         self.handoff = handoff.Channel.from_env()
         self.listening = [(l.sock, listener_address(l), l.name) for l in self.listeners]
         self.accepting = False
@@ -244,7 +244,7 @@ class AsgiWorker(Worker):
 
     async def stop_serving(self) -> None:
         server = self.server
-        deadline = time.monotonic() + self.cfg["graceful_timeout"]
+        deadline = time.monotonic() + self.cfg.graceful_timeout
         if self.sweep:
             for sock, address, name in self.listening:
                 self.accept_backlog(sock, address, name)
@@ -255,7 +255,7 @@ class AsgiWorker(Worker):
                 conn.on_stop()
         self.release_idle(self.idle_connections())
         # Keep time for the lifespan shutdown inside graceful_timeout.
-        reserve = min(5.0, self.cfg["graceful_timeout"] / 4)
+        reserve = min(5.0, self.cfg.graceful_timeout / 4)
         while server.connections and time.monotonic() < deadline - reserve:
             await asyncio.sleep(0.05)
             if server.handing_off:  # e.g. one taken from the channel just before the stop, now attached

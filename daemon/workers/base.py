@@ -65,9 +65,9 @@ class Worker:
         self.sweep = False
         self.requests = 0
         # report_outcomes: the daemon watches this generation on probation or as a canary.
-        self.counts = WorkerCounts() if (cfg.get("metrics_bind") or cfg.get("statsd_host")
-                                         or cfg.get("report_outcomes") or cfg.get("probation")
-                                         or cfg.get("canary_workers")) else None
+        self.counts = WorkerCounts() if (cfg.metrics_bind or cfg.statsd_host
+                                         or cfg.get("report_outcomes") or cfg.probation
+                                         or cfg.canary_workers) else None
         self.last_busy_report = 0.0
         self.last_heartbeat = 0.0
         self.log = None
@@ -76,8 +76,8 @@ class Worker:
         self.accept_failures = 0
         self.view = None  # what gunicorn-style hooks get as `worker`
         self.paused = False  # standing by (PAUSE from the master), as last acknowledged
-        limit = cfg["max_requests"]
-        self.max_requests = limit + random.randint(0, cfg["max_requests_jitter"]) if limit else 0
+        limit = cfg.max_requests
+        self.max_requests = limit + random.randint(0, cfg.max_requests_jitter) if limit else 0
 
     # --- lifecycle ---
 
@@ -105,7 +105,7 @@ class Worker:
         proc.die_with_parent(signal.SIGTERM)
         if os.getppid() != self.master_pid:  # the master died before prctl took effect
             os._exit(0)
-        proc.set_title(f"appd: worker gen {self.generation}", self.cfg.get("proc_name"))
+        proc.set_title(f"appd: worker gen {self.generation}", self.cfg.proc_name)
         self.log = log.get(role="worker")
         self.view = hooks.WorkerView(self)
         self.wake_r, self.wake_w = socket.socketpair()
@@ -126,8 +126,8 @@ class Worker:
         """Load the app (unless preloaded) and run the ready check; 0 when ready."""
         try:
             if self.app is None:
-                self.app = app_loading.load_app(self.cfg["app"])
-            path = self.cfg["ready_check"]
+                self.app = app_loading.load_app(self.cfg.app)
+            path = self.cfg.ready_check
             if path:
                 ok, status = app_loading.ready_check(self.app, path)
                 if not ok:

@@ -48,7 +48,7 @@ class CommandWorker:
     def run(self) -> int:
         """Hand the listeners over at fds 3.. and exec the program; returns only on failure."""
         proc.die_with_parent(signal.SIGTERM)
-        argv = self.cfg["command"]
+        argv = self.cfg.command
         fds = [fcntl.fcntl(l.fd, fcntl.F_DUPFD_CLOEXEC, 100) for l in self.listeners]
         for listener in self.listeners:  # the program gets each listener once, at 3.., not twice
             os.set_inheritable(listener.fd, False)
@@ -63,8 +63,8 @@ class CommandWorker:
             "NOTIFY_SOCKET": self.notify_name,
             "APPD_WORKER_GENERATION": str(self.generation),
         })
-        if self.cfg["timeout"]:
-            env["WATCHDOG_USEC"] = str(int(self.cfg["timeout"] * 1_000_000))
+        if self.cfg.timeout:
+            env["WATCHDOG_USEC"] = str(int(self.cfg.timeout * 1_000_000))
             env["WATCHDOG_PID"] = str(os.getpid())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                        signal.SIGHUP, signal.SIGABRT):

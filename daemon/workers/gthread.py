@@ -61,9 +61,9 @@ class ThreadWorker(Worker):
 
     def setup_poller(self) -> None:
         cfg = self.cfg
-        self.threads = cfg["threads"]
-        self.keepalive = cfg["keepalive"]
-        self.header_timeout = cfg["header_timeout"] or READ_TIMEOUT  # 0: only the read timeout
+        self.threads = cfg.threads
+        self.keepalive = cfg.keepalive
+        self.header_timeout = cfg.header_timeout or READ_TIMEOUT  # 0: only the read timeout
         # Plain threads on a queue: a ThreadPoolExecutor adds a Future, a work
         # item and a semaphore to every request.
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()   # Kept connections for the threads
@@ -76,7 +76,7 @@ class ThreadWorker(Worker):
         self.serving_since: dict[int, float] = {}             # id(kept) -> when a thread took it
         self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
         self.held: dict = {}                                  # socket -> Kept, in the poller
-        self.max_connections = self.connection_limit(cfg["worker_connections"])
+        self.max_connections = self.connection_limit(cfg.worker_connections)
         self.count_lock = threading.Lock()
         self.handoff = handoff.Channel.from_env()
         self.handing_off = False
@@ -309,7 +309,7 @@ class ThreadWorker(Worker):
 
     def stop_serving(self) -> None:
         self.set_accepting(False)
-        deadline = time.monotonic() + max(0.0, self.cfg["graceful_timeout"] - STOP_MARGIN)
+        deadline = time.monotonic() + max(0.0, self.cfg.graceful_timeout - STOP_MARGIN)
         if self.sweep:
             self.sweep_backlog()
         if not self.handing_off:

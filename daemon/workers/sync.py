@@ -24,10 +24,10 @@ def server_info(listener, cfg: dict, multithread: bool = False) -> ServerInfo:
         name, _, port = address.rpartition(":")
         name = name.strip("[]")
     return ServerInfo(server_name=name, server_port=port,
-                      limit_request_line=cfg["limit_request_line"],
-                      limit_request_fields=cfg["limit_request_fields"],
-                      limit_request_field_size=cfg["limit_request_field_size"],
-                      header_timeout=cfg["header_timeout"],
+                      limit_request_line=cfg.limit_request_line,
+                      limit_request_fields=cfg.limit_request_fields,
+                      limit_request_field_size=cfg.limit_request_field_size,
+                      header_timeout=cfg.header_timeout,
                       multithread=multithread, setup=connection_setup(listener, cfg))
 
 
@@ -114,7 +114,7 @@ class SyncWorker(Worker):
 
     def sweep_backlog(self, sockets, app, access_log) -> None:
         """On drain: serve the connections already queued, bounded by graceful_timeout."""
-        deadline = time.monotonic() + self.cfg["graceful_timeout"]
+        deadline = time.monotonic() + self.cfg.graceful_timeout
         while time.monotonic() < deadline:
             served = sum(self.accept_one(sock, info, app, access_log) for sock, info in sockets)
             if not served:
