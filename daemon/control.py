@@ -103,9 +103,7 @@ class ControlServer:
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing waiting (BlockingIOError), or the peer already left
                 return
             pid, uid, gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             if not self.allowed(pid, uid, gid):

@@ -61,6 +61,7 @@ class Handed:
     sock: socket.socket
     data: bytes        # already read by the previous worker: the start of the next request
     listener: str      # name of the listener it was accepted on
+    peer: tuple = ()   # the client's address (a handed connection whose client left is dropped)
 
 
 class Channel:
@@ -132,7 +133,8 @@ class Channel:
         return True
 
     def receive(self, limit: int) -> list[Handed]:
-        """Up to `limit` connections waiting in the channel (none if empty)."""
+        """Up to `limit` connections waiting in the channel (none if empty), each with its
+        client's address; connections whose client has gone are closed, not returned."""
         taken = []
         while len(taken) < limit:
             try:
@@ -167,4 +169,10 @@ def _decode(payload: bytes, fds: list[int], flags: int) -> Handed | None:
         for fd in fds:
             os.close(fd)
         return None
-    return Handed(socket.socket(fileno=fds[0]), message["data"], str(message.get("listener", "")))
+    sock = socket.socket(fileno=fds[0])
+    try:
+        peer = sock.getpeername()
+    except OSError:  # the client left meanwhile
+        sock.close()
+        return None
+    return Handed(sock, message["data"], str(message.get("listener", "")), peer)

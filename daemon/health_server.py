@@ -59,9 +59,7 @@ class HealthServer:
                 return
             try:
                 conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing waiting (BlockingIOError), or the peer already left
                 return
             conn.setblocking(False)
             self.clients[conn] = [b"", time.monotonic() + HEAD_TIMEOUT, b""]

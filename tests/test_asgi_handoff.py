@@ -17,11 +17,8 @@ import pytest
 
 from conftest import wait_until
 from helpers import keepalive_soak
-from test_keepalive import IDLE, QUICK_STOP, ask, kept_alive, pid_of
+from test_keepalive import ASGI, IDLE, QUICK_STOP, ask, kept_alive, pid_of
 from test_keepalive import clients  # noqa: F401  (fixture)
-from test_worker_kinds import _read_response as read_response
-
-ASGI = ("keepalive_app:asgi", "--worker-class", "asgi")
 
 
 def no_fin_yet(sock) -> bool:
@@ -65,20 +62,6 @@ def test_upgrade_hands_idle_asgi_connections_to_the_new_code(start_appd, clients
     assert all(kept_alive(r) and b"v2 gen 2" in r for r in answers), answers
     handed = re.findall(r"worker_stopped .*generation=1 handed_on=(\d+)", appd.log())
     assert sum(map(int, handed)) >= 4, appd.log()
-
-
-def test_asgi_handoff_carries_a_partly_read_pipelined_request(start_appd, clients):  # noqa: F811
-    appd = start_appd(*ASGI, "-w", "1", *IDLE, "--header-timeout", "60")
-    conn = clients(appd.address, 1)
-    sock, buffer = conn.socks[0], conn.buffers[0]
-    sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
-    first = read_response(sock, buffer)
-    assert kept_alive(first) and b"v1 gen 1" in first and b"path /first" in first
-    code, result = appd.ctl_json("upgrade", "--env", "APP_VERSION=v2")
-    assert code == 0, result
-    sock.sendall(b"st: x\r\n\r\n")
-    second = read_response(sock, buffer)
-    assert kept_alive(second) and b"v2 gen 2" in second and b"path /second" in second, second
 
 
 def test_recycled_asgi_worker_hands_its_connection_on(start_appd, clients):  # noqa: F811

@@ -18,6 +18,7 @@ from test_metrics import scrape, total
 from test_worker_kinds import _connect as connect, _read_response as read_response
 
 GTHREAD = ("keepalive_app:app", "--worker-class", "gthread", "--threads", "2")
+ASGI = ("keepalive_app:asgi", "--worker-class", "asgi")
 # Long enough that a stop which waited for idle connections instead of handing them on shows.
 IDLE = ("--keepalive", "30", "--graceful-timeout", "30")
 QUICK_STOP = 15.0  # seconds: well below keepalive/graceful_timeout
@@ -105,8 +106,9 @@ def test_the_channel_outlives_a_daemon_reexec(start_appd, clients):
     assert all(kept_alive(r) and b"v2 gen 2" in r for r in answers), answers
 
 
-def test_handoff_carries_a_partly_read_pipelined_request(start_appd, clients):
-    appd = start_appd(*GTHREAD, "-w", "1", *IDLE, "--header-timeout", "60")
+@pytest.mark.parametrize("worker", [GTHREAD, ASGI], ids=["gthread", "asgi"])
+def test_handoff_carries_a_partly_read_pipelined_request(start_appd, clients, worker):
+    appd = start_appd(*worker, "-w", "1", *IDLE, "--header-timeout", "60")
     conn = clients(appd.address, 1)
     sock, buffer = conn.socks[0], conn.buffers[0]
     sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")

@@ -188,15 +188,10 @@ class AsgiWorker(Worker):
         if self.handoff is None or (not everything and self.full()):
             return
         for handed in self.handoff.receive(1_000_000 if everything else ACCEPT_BATCH):
-            try:
-                peer = handed.sock.getpeername()
-            except OSError:  # the client left meanwhile
-                handed.sock.close()
-                continue
             address, name = self.listener_named(handed.listener)
             if self.counts is not None:
                 self.counts.handed_off(f"{address[0]}:{address[1]}" if address else name)
-            self.connect(handed.sock, peer, address, name, carried=handed.data)
+            self.connect(handed.sock, handed.peer, address, name, carried=handed.data)
 
     def listener_named(self, name: str) -> tuple:
         """(address, name) of the listener a handed-on connection was accepted on."""

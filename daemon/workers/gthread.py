@@ -144,15 +144,10 @@ class ThreadWorker(Worker):
         if self.handoff is None:
             return
         for handed in self.handoff.receive(max(0, self.max_connections - self.connections())):
-            try:
-                addr = handed.sock.getpeername()
-            except OSError:  # the client left meanwhile
-                handed.sock.close()
-                continue
             info, name = self.listener_info(handed.listener)
             if self.counts is not None:
                 self.counts.handed_off(f"{info.server_name}:{info.server_port}")
-            kept = Kept(handed.sock, addr, info, name, pending=handed.data)
+            kept = Kept(handed.sock, handed.peer, info, name, pending=handed.data)
             kept.idle_until = time.monotonic() + self.keepalive
             self.watch(kept)
             if handed.data:
