@@ -1,11 +1,22 @@
-"""The gthread worker: `threads` threads serve requests; the main thread is a
-poller that accepts, reads request heads without blocking and keeps idle
-keep-alive connections, so neither an idle client nor a slow one holds a
-thread. A connection goes to a thread once its head is complete, in one
-first-come, first-served line; a head not complete within `header_timeout`
-is answered 408. The worker keeps accepting while it holds fewer than
-`worker_connections`. Pipelined requests are served in order by the thread
-that has the connection.
+"""The gthread worker: `threads` threads serve requests, and neither an idle
+client nor a slow one holds a thread.
+
+How a request finds a thread (leader/followers): every connection sits in one
+epoll set, registered one-shot. Idle threads wait in epoll_wait on that set;
+the kernel wakes one of them per ready connection, and that thread reads it
+without blocking, serves it if a whole head is there, and arms it again. No
+connection travels from a poller to a thread and back, so a keep-alive request
+costs epoll_wait, recv, send and the re-arm: no queue, no wake byte, no second
+poller pass. Ready connections wait for a free thread in the kernel's ready
+list, first come first served. A head not complete within `header_timeout` is
+answered 408. The main thread accepts (while the worker holds fewer than
+`worker_connections`), takes handed-on connections, heartbeats, reads the
+master's orders and ends idle connections at their deadlines. Pipelined
+requests are served in order by the thread that has the connection.
+
+Who owns a connection: while it waits in epoll it is in `parked`, and whoever
+pops it from there owns it (a thread woken for it, or the main thread ending
+it); a wakeup for a connection someone else took is stale and ignored.
 
 Stopping (upgrade, reload, scale -N, retire, max_requests, drain) never
 closes an idle connection under its client: that races the client's next
@@ -20,7 +31,8 @@ from __future__ import annotations
 
 import collections
 import errno
-import queue
+import os
+import select
 import selectors
 import threading
 import time
@@ -35,6 +47,12 @@ from .sync import server_info
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
 POLL_INTERVAL = 0.25  # deadlines (keep-alive, header_timeout) are checked this often
 STOP_MARGIN = 0.5     # close what is left this long before the master's SIGKILL
+WAIT_READABLE = select.EPOLLIN | select.EPOLLONESHOT
+# Writable is at once: for a connection with work in hand and nothing to read
+# (a handed-on one with its request, a TLS or PROXY setup to do in a thread).
+WAKE_NOW = select.EPOLLOUT | select.EPOLLONESHOT
+BATCH = 8          # ready connections a thread takes at once (see run_thread)
+SLOW_TURN = 0.005  # a thread on one request this long gives the rest of its batch back
 
 
 class ThreadWorker(Worker):
@@ -42,7 +60,7 @@ class ThreadWorker(Worker):
     handing_off = False   # stopping, and idle connections go to the handoff channel
 
     def serve(self) -> None:
-        self.setup_poller()
+        self.setup_threads()
         try:
             while self.alive:
                 if not self.master_alive():
@@ -55,56 +73,60 @@ class ThreadWorker(Worker):
                                    and self.may_accept())
             self.stop_serving()
         finally:
-            self.selector.close()
-            for _ in self.pool:
-                self.jobs.put(None)  # each thread ends after its connection in hand
+            self.end_threads()
 
-    def setup_poller(self) -> None:
+    def setup_threads(self) -> None:
         cfg = self.cfg
         self.threads = cfg.threads
         self.keepalive = cfg.keepalive
         self.header_timeout = cfg.header_timeout or READ_TIMEOUT  # 0: only the read timeout
-        # Plain threads on a queue: a ThreadPoolExecutor adds a Future, a work
-        # item and a semaphore to every request.
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()   # Kept connections for the threads
-        self.pool = [threading.Thread(target=self.run_thread, name=f"appd-worker_{i}", daemon=True)
-                     for i in range(self.threads)]
-        self.wake_pending = False  # a thread has written the wake byte the poller has not seen
         self.access_log = RequestLog(self)
-        self.returned: queue.SimpleQueue = queue.SimpleQueue()  # (kept, keep) from threads
-        self.busy = 0                                         # connections handed to threads
-        self.serving_since: dict[int, float] = {}             # id(kept) -> when a thread took it
-        self.waiting: collections.deque = collections.deque()  # with a request, waiting for a thread
-        self.held: dict = {}                                  # socket -> Kept, in the poller
+        self.epoll = select.epoll()
+        self.parked: dict[int, Kept] = {}           # fd -> connection waiting in epoll
+        self.open: set[Kept] = set()                # every connection, parked or in a thread
+        self.serving_since: dict[Kept, float] = {}  # connection -> when a thread took it
         self.max_connections = self.connection_limit(cfg.worker_connections)
         self.count_lock = threading.Lock()
         self.handoff = handoff.Channel.from_env()
         self.handing_off = False
         self.handed_on = 0
         self.last_expiry = 0.0
+        self.threads_done = False
+        self.batches: list = []  # per thread: [when its current request began, ready ones not begun]
+        self.watching = False    # a thread holds ready connections: wake every SLOW_TURN to check
+        # Level-triggered, so one byte wakes every thread at the end.
+        self.stop_r, self.stop_w = os.pipe()
+        self.epoll.register(self.stop_r, select.EPOLLIN)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.selector.register(self.reporter.sock, selectors.EVENT_READ, ("orders", None))
         self.listening = [(l.sock, server_info(l, cfg, multithread=True), l.name) for l in self.listeners]
         self.accepting = False
+        self.pool = [threading.Thread(target=self.run_thread, name=f"appd-worker_{i}", daemon=True)
+                     for i in range(self.threads)]
         for thread in self.pool:  # last: the limits above are logged as early as before
             thread.start()
         self.set_accepting(not self.paused)
         if self.paused:
             self.pause_changed(True)
 
+    def end_threads(self) -> None:
+        """Each thread ends after the connection in hand (the process exits meanwhile
+        if one hangs: the threads are daemons)."""
+        self.threads_done = True
+        os.write(self.stop_w, b"\0")
+        self.selector.close()
+
     def poll_once(self) -> None:
         timeout = min(self.until_next_heartbeat(), POLL_INTERVAL)
-        events = self.wait_readable(self.selector, timeout)
-        self.wake_pending = False  # before take_returned(): a later return writes again
+        if self.watching:
+            timeout = min(timeout, SLOW_TURN)
         orders = False
-        for key, _ in events:
+        for key, _ in self.wait_readable(self.selector, timeout):
             if key.data is None:
                 continue
             kind, value = key.data
-            if kind == "kept":
-                self.on_readable(value)
-            elif kind == "orders":
+            if kind == "orders":
                 orders = True  # after this batch: a pause hands on connections it may name
             elif not self.alive or self.paused:
                 continue  # told to stop (or to stand by) while waiting: take nothing new
@@ -114,14 +136,13 @@ class ThreadWorker(Worker):
                 self.take_handed()
         if orders:
             self.check_orders()
-        self.take_returned()
-        self.dispatch()
+        self.give_back_stuck()
         self.expire()
 
-    # --- connections in the poller ---
+    # --- connections: coming in, waiting, ending (main thread) ---
 
     def connections(self) -> int:
-        return self.busy + len(self.waiting) + len(self.held)
+        return len(self.open)
 
     def accept(self, sock, info, name, everything: bool = False) -> None:
         """Accept while below worker_connections (or everything queued, on drain)."""
@@ -134,10 +155,7 @@ class ThreadWorker(Worker):
                 raise
             kept = Kept(conn, addr, info, name)
             kept.head_until = time.monotonic() + self.header_timeout
-            if kept.needs_thread:
-                self.waiting.append(kept)
-            else:
-                self.watch(kept)
+            self.adopt(kept, at_once=kept.needs_thread)
 
     def take_handed(self) -> None:
         """Connections another worker handed on: as if accepted, with what it had read."""
@@ -149,9 +167,7 @@ class ThreadWorker(Worker):
                 self.counts.handed_off(f"{info.server_name}:{info.server_port}")
             kept = Kept(handed.sock, handed.peer, info, name, pending=handed.data)
             kept.idle_until = time.monotonic() + self.keepalive
-            self.watch(kept)
-            if handed.data:
-                self.on_readable(kept)
+            self.adopt(kept, at_once=bool(handed.data))
 
     def listener_info(self, name: str):
         for _, info, listener in self.listening:
@@ -160,40 +176,36 @@ class ThreadWorker(Worker):
         _, info, listener = self.listening[0]
         return info, listener
 
-    def watch(self, kept: Kept) -> None:
-        self.held[kept.sock] = kept
-        self.selector.register(kept.sock, selectors.EVENT_READ, ("kept", kept))
+    def adopt(self, kept: Kept, at_once: bool) -> None:
+        """A new connection joins the epoll set; at_once: a thread takes it now."""
+        self.open.add(kept)
+        self.parked[kept.fd] = kept
+        self.epoll.register(kept.fd, WAKE_NOW if at_once else WAIT_READABLE)
 
-    def forget(self, kept: Kept) -> None:
-        del self.held[kept.sock]
-        self.selector.unregister(kept.sock)
+    def take_parked(self, kept: Kept) -> bool:
+        """The main thread takes a parked connection (to end it or hand it on);
+        False if a thread has it now."""
+        if self.parked.get(kept.fd) is not kept:
+            return False
+        return self.parked.pop(kept.fd, None) is kept
 
-    def on_readable(self, kept: Kept) -> None:
-        if kept.needs_thread:
-            self.forget(kept)
-            self.waiting.append(kept)
-        elif not kept.read():
-            self.forget(kept)
-            kept.close()
-        elif kept.has_request:
-            self.forget(kept)
-            self.waiting.append(kept)
+    def end(self, kept: Kept, answer_timeout: bool = False) -> None:
+        """Close a connection this thread owns."""
+        self.open.discard(kept)
+        if answer_timeout:
+            kept.answer_timeout()
         else:
-            kept.head_started(time.monotonic(), self.header_timeout)
+            kept.close()
 
     def expire(self) -> None:
         now = time.monotonic()
         if now - self.last_expiry < 0.1:
             return
         self.last_expiry = now
-        for kept in list(self.held.values()):
+        for kept in list(self.parked.values()):
             why = kept.expired(now)
-            if why:
-                self.forget(kept)
-                if why == "head":
-                    kept.answer_timeout()
-                else:
-                    kept.close()
+            if why and self.take_parked(kept):
+                self.end(kept, answer_timeout=why == "head")
 
     def set_accepting(self, accepting: bool) -> None:
         """Listen (and take handed-on connections) only below worker_connections,
@@ -220,62 +232,125 @@ class ThreadWorker(Worker):
             self.set_accepting(False)
             self.handing_off = self.handoff is not None and self.reporter.pause_hands_off
             if self.handing_off:
-                self.pass_on_held()
+                self.pass_on_parked()
         else:
             self.handing_off = False  # the poller's loop accepts again
 
+    def nudge(self) -> None:
+        """Wake the main thread (a stop waits for the last connection; a full worker
+        may accept again)."""
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass  # already woken
+
     # --- connections in the threads ---
 
-    def dispatch(self) -> None:
-        """Hand connections with a complete head to free threads, oldest first."""
-        while self.waiting and self.busy < self.threads:
-            self.busy += 1
-            kept = self.waiting.popleft()
-            self.serving_since[id(kept)] = time.monotonic()
-            self.jobs.put(kept)
-
     def run_thread(self) -> None:
-        while (kept := self.jobs.get()) is not None:
+        """Take up to BATCH ready connections at a time: while this thread serves
+        them, a wakeup of an idle thread finds nothing and sleeps on in the kernel
+        instead of contending for the GIL. Should one request be slow, the main
+        thread gives the rest back to the others (give_back_stuck)."""
+        poll, parked, monotonic = self.epoll.poll, self.parked, time.monotonic
+        turn = [0.0, collections.deque()]  # when the current connection began, the ones not begun
+        self.batches.append(turn)
+        rest = turn[1]
+        while not self.threads_done:
             try:
-                self.run_connection(kept)
-            except BaseException:  # e.g. the app's sys.exit(): the thread must live on
-                self.log.exception("connection_failed")
+                rest.extend(poll(-1, BATCH))
+            except InterruptedError:
+                continue
+            if len(rest) > 1 and not self.watching:
+                self.watching = True
+                self.nudge()
+            while True:
+                try:
+                    fd, _ = rest.popleft()  # the main thread may empty it meanwhile
+                except IndexError:
+                    break
+                kept = parked.pop(fd, None)
+                if kept is not None:  # else stale: someone else took it meanwhile
+                    turn[0] = monotonic()
+                    self.take(kept)
+            turn[0] = 0.0
 
-    def run_connection(self, kept: Kept) -> None:
-        keep = False
+    def give_back_stuck(self) -> None:
+        """Ready connections a thread took but has not begun, while it serves one
+        for longer than SLOW_TURN: armed again, as they were, for the other threads."""
+        now = time.monotonic()
+        self.watching = any(rest for _, rest in self.batches)
+        for began, rest in self.batches:
+            if rest and began and now - began > SLOW_TURN:
+                while True:
+                    try:
+                        fd, mask = rest.popleft()
+                    except IndexError:
+                        break
+                    try:
+                        self.epoll.modify(fd, WAKE_NOW if mask & select.EPOLLOUT else WAIT_READABLE)
+                    except (OSError, ValueError):
+                        pass  # ended meanwhile
+
+    def take(self, kept: Kept) -> None:
+        self.serving_since[kept] = time.monotonic()
+        try:
+            self.take_turn(kept)
+        except BaseException:  # e.g. the app's sys.exit(): the thread must live on
+            self.log.exception("connection_failed")
+            self.release(kept)
+            kept.close()
+        finally:
+            self.serving_since.pop(kept, None)
+
+    def take_turn(self, kept: Kept) -> None:
+        """The connection woke this thread: serve what it has, then arm it again,
+        hand it on, or close it."""
+        if not (kept.needs_thread or kept.has_request or kept.decrypted_waiting):
+            if not kept.read_waiting():  # nothing after all (a stale wakeup)
+                return self.park(kept)
+            if not kept.has_request:
+                if kept.reader.eof:
+                    return self.release_closed(kept)
+                kept.head_started(time.monotonic(), self.header_timeout)
+                return self.park(kept)
+        while True:
+            if not self.run_connection(kept):
+                return self.release(kept)  # closed by the connection itself
+            if not (kept.has_request or kept.decrypted_waiting):
+                break  # else an error to answer, or TLS records already decrypted
+        kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
+        if not (self.handing_off and self.pass_on(kept)):
+            self.park(kept)
+
+    def run_connection(self, kept: Kept) -> bool:
+        """Serve the requests it has; True if it stays open, idle between requests."""
         try:
             should_continue = self.should_continue if kept.transferable else self.still_serving
-            keep = kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
-                                         self.count_request_locked, park=True, read_ahead=self.still_serving)
+            return kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
+                                         self.count_request_locked, park=True)
         except Exception:
             self.log.exception("connection_failed")
             kept.close()
-        finally:
-            self.returned.put((kept, keep))
-            if not self.wake_pending:  # one wake byte until the poller has woken
-                self.wake_pending = True
-                try:
-                    self.wake_w.send(b"\0")
-                except BlockingIOError:
-                    pass  # the poller is already woken
+            return False
 
-    def take_returned(self) -> None:
-        while True:
-            try:
-                kept, keep = self.returned.get_nowait()
-            except queue.Empty:
-                return
-            self.busy -= 1
-            self.serving_since.pop(id(kept), None)
-            if not keep:
-                continue  # closed by the thread
-            if kept.has_request or kept.decrypted_waiting:
-                # a pipelined request (to serve or refuse), or TLS records already decrypted
-                self.waiting.append(kept)
-                continue
-            kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
-            if not (self.handing_off and self.pass_on(kept)):
-                self.watch(kept)
+    def park(self, kept: Kept) -> None:
+        """Back into epoll until readable. The main thread may take it (to end it or
+        hand it on) before the re-arm: then the re-arm fails or wakes nobody useful."""
+        self.parked[kept.fd] = kept
+        try:
+            self.epoll.modify(kept.fd, WAIT_READABLE)
+        except (OSError, ValueError):  # taken and closed meanwhile, or the worker is ending
+            pass
+
+    def release(self, kept: Kept) -> None:
+        """A connection closed by a thread leaves the count."""
+        self.open.discard(kept)
+        if not self.alive or len(self.open) == self.max_connections - 1:
+            self.nudge()
+
+    def release_closed(self, kept: Kept) -> None:
+        kept.close()
+        self.release(kept)
 
     def should_continue(self) -> bool:
         """Whether a response may keep its connection alive: yes while serving, and
@@ -286,13 +361,14 @@ class ThreadWorker(Worker):
         """For a connection that cannot be handed on (TLS, PROXY protocol): keep it
         alive only while serving; once stopping, its next response says close."""
         return self.alive
+
     def load_now(self) -> tuple:
         """(threads serving a connection, age of the longest-served one)."""
         serving_since = getattr(self, "serving_since", None)  # set when serve() begins
-        if serving_since is None:  # heartbeats while booting or gated, before serve()
+        if not serving_since:  # none, or heartbeats while booting or gated, before serve()
             return 0, 0.0
-        oldest = min(serving_since.values(), default=None)
-        return self.busy, (time.monotonic() - oldest if oldest is not None else 0.0)
+        oldest = min(serving_since.values(), default=None)  # a copy: threads change it
+        return len(serving_since), (time.monotonic() - oldest if oldest is not None else 0.0)
 
     def count_request_locked(self) -> None:
         with self.count_lock:
@@ -312,15 +388,13 @@ class ThreadWorker(Worker):
         self.log.debug("worker_stopping", connections=self.connections(), handoff=self.handing_off)
         while self.connections() and time.monotonic() < deadline:
             if self.handing_off:
-                self.pass_on_held()
+                self.pass_on_parked()
             self.heartbeat()
             self.poll_once()
         left = self.connections()
-        for kept in list(self.held.values()):
-            self.forget(kept)
-            kept.close()
-        while self.waiting:
-            self.waiting.popleft().close()
+        for kept in list(self.parked.values()):
+            if self.take_parked(kept):
+                self.end(kept)
         self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=left)
 
     def _graceful(self, signum, frame) -> None:
@@ -329,23 +403,29 @@ class ThreadWorker(Worker):
             self.handing_off = self.handoff_wanted()
         super()._graceful(signum, frame)
 
-    def pass_on_held(self) -> None:
-        for kept in list(self.held.values()):
-            self.forget(kept)
-            if not self.pass_on(kept):
-                self.watch(kept)  # serve its next request here instead
+    def pass_on_parked(self) -> None:
+        for kept in list(self.parked.values()):
+            if self.take_parked(kept) and not self.pass_on(kept):
+                self.park(kept)  # serve its next request here instead
 
     def pass_on(self, kept: Kept) -> bool:
-        """Hand one connection on; False if it cannot go (channel full, or what was
-        read of its next request is not known)."""
+        """Hand one connection we own on; False if it cannot go (channel full, or what
+        was read of its next request is not known)."""
         data = kept.unread()
         if data is None:
             return False
+        try:  # while the channel holds it, the registration would outlive our close
+            self.epoll.unregister(kept.fd)
+        except (OSError, ValueError):
+            pass
         if not self.handoff.send(kept.sock, data, kept.listener):
             self.handing_off = False  # channel full: serve next requests here, with close
+            self.epoll.register(kept.fd, WAIT_READABLE)
             return False
         kept.close()  # our copy only: the connection itself travels on
-        self.handed_on += 1
+        with self.count_lock:
+            self.handed_on += 1
+        self.release(kept)
         return True
 
     def sweep_backlog(self) -> None:

@@ -55,10 +55,11 @@ class Tap:
 class Kept:
     """One connection of the worker, with its state in the poller."""
 
-    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until", "transferable")
+    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until", "transferable", "fd")
 
     def __init__(self, sock, addr, info: ServerInfo, listener: str, pending: bytes = b""):
         self.connection = Connection(sock, addr, info)
+        self.fd = sock.fileno()
         self.transferable = info.setup is None or info.setup.transferable
         self.tap = Tap(sock, pending)
         self.connection.reader.sock = self.tap
@@ -96,9 +97,14 @@ class Kept:
         reader = self.reader
         return bool(reader.ready) or reader.error is not None or reader.done
 
-    def read(self) -> bool:
-        """One read of what arrived (the poller saw it readable); False on EOF or reset."""
-        return self.reader.fill()
+    def read_waiting(self) -> bool:
+        """One read of what arrived (epoll saw it readable): True if bytes (or the end
+        of the connection) came, False if nothing was there after all (a stale wakeup)."""
+        reader = self.reader
+        if reader.sock_timeout is None:
+            return reader.read_now()
+        reader.fill()  # a socket a slow send or read left with a timeout: waits a tick at most
+        return True
 
     def hold(self, now: float, keepalive: float, header_timeout: float) -> None:
         """Back in the poller between requests: start the deadline that applies."""
