@@ -80,7 +80,8 @@ class ThreadWorker(Worker):
         self.threads = cfg.threads
         self.keepalive = cfg.keepalive
         self.header_timeout = cfg.header_timeout or READ_TIMEOUT  # 0: only the read timeout
-        self.access_log = RequestLog(self)
+        access_log = RequestLog(self)
+        self.access_log = access_log if access_log else None  # asked once, not per request
         self.epoll = select.epoll()
         self.parked: dict[int, Kept] = {}           # fd -> connection waiting in epoll
         self.open: set[Kept] = set()                # every connection, parked or in a thread
@@ -145,7 +146,11 @@ class ThreadWorker(Worker):
         return len(self.open)
 
     def accept(self, sock, info, name, everything: bool = False) -> None:
-        """Accept while below worker_connections (or everything queued, on drain)."""
+        """Accept one connection (or everything queued, on drain). One at a time, so
+        that a burst of keep-alive clients spreads over the workers: each wakes for
+        the listener and takes its turn, and a busy one (its main thread waits for
+        the GIL) takes fewer. Taking all that wait would tie them all to one worker
+        for as long as they stay."""
         while everything or self.connections() < self.max_connections:
             try:
                 conn, addr = sock.accept()
@@ -156,12 +161,15 @@ class ThreadWorker(Worker):
             kept = Kept(conn, addr, info, name)
             kept.head_until = time.monotonic() + self.header_timeout
             self.adopt(kept, at_once=kept.needs_thread)
+            if not everything:
+                return
 
     def take_handed(self) -> None:
         """Connections another worker handed on: as if accepted, with what it had read."""
         if self.handoff is None:
             return
-        for handed in self.handoff.receive(max(0, self.max_connections - self.connections())):
+        room = max(0, self.max_connections - self.connections())
+        for handed in self.handoff.receive(room if self.sweep else min(room, 1)):  # one: as accept()
             info, name = self.listener_info(handed.listener)
             if self.counts is not None:
                 self.counts.handed_off(f"{info.server_name}:{info.server_port}")
@@ -270,8 +278,8 @@ class ThreadWorker(Worker):
                     break
                 kept = parked.pop(fd, None)
                 if kept is not None:  # else stale: someone else took it meanwhile
-                    turn[0] = monotonic()
-                    self.take(kept)
+                    turn[0] = now = monotonic()
+                    self.take(kept, now)
             turn[0] = 0.0
 
     def give_back_stuck(self) -> None:
@@ -291,8 +299,8 @@ class ThreadWorker(Worker):
                     except (OSError, ValueError):
                         pass  # ended meanwhile
 
-    def take(self, kept: Kept) -> None:
-        self.serving_since[kept] = time.monotonic()
+    def take(self, kept: Kept, now: float) -> None:
+        self.serving_since[kept] = now
         try:
             self.take_turn(kept)
         except BaseException:  # e.g. the app's sys.exit(): the thread must live on
