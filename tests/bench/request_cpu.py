@@ -3,9 +3,11 @@
 server side runs appd.http.handle_connection in this process (a hello app),
 a forked client sends the requests over loopback; the figure is this process's
 user + system CPU per request, which a busy machine disturbs far less than
-requests/s. Runs alternate between this checkout and APPD_BENCH_BASELINE's.
+requests/s. Runs alternate between this checkout and APPD_BENCH_BASELINE's
+(or, with --pure-baseline, this checkout with APPD_PURE_PYTHON=1: the compiled
+appd.http against its sources).
 
-    python tests/bench/request_cpu.py [--requests 20000] [--rounds 5] [--keepalive]
+    python tests/bench/request_cpu.py [--requests 20000] [--rounds 5] [--keepalive] [--pure-baseline]
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def serve(count: int, keepalive: bool) -> float:
     return cpu / count * 1e6
 
 
-def run_child(checkout: Path | None, count: int, keepalive: bool) -> float:
+def run_child(checkout: Path | None, count: int, keepalive: bool, pure: bool = False) -> dict:
     env = dict(os.environ)
+    if pure:
+        env["APPD_PURE_PYTHON"] = "1"
     if checkout is not None:  # that checkout's appd first on the path
         packages = Path(f"/tmp/appd-request-cpu-{os.getpid()}")
         packages.mkdir(exist_ok=True)
@@ -88,7 +92,7 @@ def run_child(checkout: Path | None, count: int, keepalive: bool) -> float:
     out = subprocess.run([sys.executable, __file__, "--child", "--requests", str(count)]
                          + (["--keepalive"] if keepalive else []),
                          env=env, capture_output=True, text=True, timeout=600, check=True)
-    return json.loads(out.stdout)["us_per_request"]
+    return json.loads(out.stdout)
 
 
 def main() -> None:
@@ -96,24 +100,35 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keepalive", action="store_true")
+    parser.add_argument("--pure-baseline", action="store_true",
+                        help="the baseline is this checkout's appd.http as pure Python (APPD_PURE_PYTHON=1)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         serve(100, args.keepalive)  # warm-up: caches, first imports
-        print(json.dumps({"us_per_request": serve(args.requests, args.keepalive)}))
+        import appd.http
+        print(json.dumps({"us_per_request": serve(args.requests, args.keepalive),
+                          "http_impl": getattr(appd.http, "IMPL", "python")}))
         return
     baseline = os.environ.get("APPD_BENCH_BASELINE")
-    kinds = {"appd": None, **({"appd-base": Path(baseline).resolve()} if baseline else {})}
+    kinds = {"appd": (None, False)}  # name: (checkout, pure)
+    if args.pure_baseline:
+        kinds["appd-base"] = (None, True)
+    elif baseline:
+        kinds["appd-base"] = (Path(baseline).resolve(), False)
     results = {kind: [] for kind in kinds}
+    impls = {}  # appd.http compiled or pure Python (APPD_PURE_PYTHON=1), as each child said
     for _ in range(args.rounds):
-        for kind, checkout in kinds.items():
-            results[kind].append(run_child(checkout, args.requests, args.keepalive))
+        for kind, (checkout, pure) in kinds.items():
+            child = run_child(checkout, args.requests, args.keepalive, pure)
+            results[kind].append(child["us_per_request"])
+            impls[kind] = child["http_impl"]
     mode = "keep-alive" if args.keepalive else "a connection per request"
     for kind, values in results.items():
         values.sort()
-        print(f"{kind}: {values[len(values) // 2]:.1f} µs CPU per request (median of {len(values)}, "
+        print(f"{kind} ({impls[kind]}): {values[len(values) // 2]:.1f} µs CPU per request (median of {len(values)}, "
               f"{mode}; all: {', '.join(f'{v:.1f}' for v in values)})")
-    if baseline:
+    if "appd-base" in kinds:
         a, b = (sorted(results[k])[len(results[k]) // 2] for k in ("appd", "appd-base"))
         print(f"appd / appd-base: {a / b:.2f}×")
 
