@@ -81,6 +81,7 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet '.[bench]'
 	$(link_packages)
 	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client; make profile needs it)
+	$(call apt_install,valgrind,valgrind,tests/bench/request_cpu.py --instructions needs it)
 
 bench: bench-deps
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
