@@ -42,9 +42,9 @@ def compiled_path(name: str) -> Path:
     return COMPILED_DIR / (name + sysconfig.get_config_var("EXT_SUFFIX"))
 
 
-def choose() -> tuple[str | None, str]:
+def choose(environ=os.environ) -> tuple[str | None, str]:
     """(the directory of compiled modules to import, or None; why, in a few words)."""
-    if os.environ.get(PURE_ENV):
+    if environ.get(PURE_ENV):
         return None, f"{PURE_ENV} is set"
     if not all(compiled_path(name).exists() for name in MODULES):
         return None, "not built for this Python (make speedups)"

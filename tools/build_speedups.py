@@ -99,9 +99,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if the build is current")
     args = parser.parse_args()
-    os.environ.pop("APPD_PURE_PYTHON", None)  # the switch chooses at import; it does not stop a build
     speedups = load_speedups()
-    if not args.force and speedups.choose()[0]:
+    if not args.force and speedups.choose(environ={})[0]:  # APPD_PURE_PYTHON does not stop a build
         print("appd.http speedups: up to date")
         return 0
     reason = missing_tool()
