@@ -6,7 +6,7 @@ daemon/http/_compiled/ under their own names (appd.http.request, ...) and
 writes a manifest of the sources it compiled. appd/http/__init__.py puts that
 directory first on the package's __path__ only when compiled_dir() says so:
 every module is there for this interpreter, the manifest matches the sources
-as they are now (a stale build never runs), and APPD_PURE_PYTHON is unset.
+as they are now (a stale build never runs), and APPD_PURE_PYTHON is unset (or 0).
 One directory either searched or not, so the two implementations are never
 mixed in one process. This module imports nothing heavy: `appd --version`
 reads it too."""
@@ -44,7 +44,7 @@ def compiled_path(name: str) -> Path:
 
 def choose(environ=os.environ) -> tuple[str | None, str]:
     """(the directory of compiled modules to import, or None; why, in a few words)."""
-    if environ.get(PURE_ENV):
+    if environ.get(PURE_ENV, "0") != "0":
         return None, f"{PURE_ENV} is set"
     if not all(compiled_path(name).exists() for name in MODULES):
         return None, "not built for this Python (make speedups)"

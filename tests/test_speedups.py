@@ -40,8 +40,9 @@ def test_pure_python_switch_imports_the_sources():
 
 
 @needs_build
-def test_a_current_build_is_imported():
-    impl, path, _ = probe()
+@pytest.mark.parametrize("switch", [{}, {speedups.PURE_ENV: "0"}])
+def test_a_current_build_is_imported(switch):
+    impl, path, _ = probe(switch)
     assert impl == "compiled"
     assert os.path.dirname(path).endswith("_compiled") and path.endswith(".so")
 
