@@ -4,7 +4,7 @@ with Cython, or their pure-Python sources (the fallback, always there).
 tools/build_speedups.py (run by `make`) compiles MODULES into
 daemon/http/_compiled/ under their own names (appd.http.request, ...) and
 writes a manifest of the sources it compiled. appd/http/__init__.py puts that
-directory first on the package's __path__ only when compiled_dir() says so:
+directory first on the package's __path__ only when choose() says so:
 every module is there for this interpreter, the manifest matches the sources
 as they are now (a stale build never runs), and APPD_PURE_PYTHON is unset (or 0).
 One directory either searched or not, so the two implementations are never
