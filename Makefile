@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test proxies bench-deps bench profile chaos clean
+.PHONY: run test speedups proxies bench-deps bench profile chaos clean
 
 # A regular install, then the import packages in site-packages are replaced by
 # symlinks to daemon/ and ctl/, so edits are live (like `flit install --symlink`).
@@ -25,12 +25,26 @@ define apt_install
 		echo "$(1) not installed: $(3)"
 endef
 
+# appd.http's per-request modules compiled with Cython into daemon/http/_compiled
+# (tools/build_speedups.py; daemon/speedups.py chooses at import, APPD_PURE_PYTHON=1
+# forces the sources). Best effort: without Cython or gcc the pure-Python modules
+# run. Kept when current, so `make test` rebuilds only after the sources change.
+define build_speedups
+	@$(PY) -c 'import Cython' 2>/dev/null || $(PY) -m pip install --quiet 'cython>=3.0,<4' || \
+		echo "Cython not installed: appd.http runs as pure Python"
+	@$(PY) tools/build_speedups.py
+endef
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '.[test]'
 	$(link_packages)
+	$(build_speedups)
 	touch $(STAMP)
+
+speedups: $(STAMP)
+	$(build_speedups)
 
 # Serve the built-in demo app on 127.0.0.1:8000 (control socket at the default path).
 run: $(STAMP)
@@ -43,10 +57,16 @@ run: $(STAMP)
 # shared daemon is started once and its tests keep their order); most of a test's
 # time is waiting on daemons, so two at once fit on two cores. TEST_WORKERS=0
 # runs serially.
+# Then, when the compiled appd.http ran, its in-process tests once more against
+# the pure-Python sources (about 14 s on two busy cores): both stay green.
 TEST_WORKERS ?= 2
-test: $(STAMP) proxies
+HTTP_LAYER_TESTS := tests/test_http_requests.py tests/test_http_responses.py tests/test_http_validation.py
+test: $(STAMP) proxies speedups
 	$(call apt_install,systemd-analyze,systemd,the systemd unit tests will skip)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	@if $(PY) -c 'import sys, appd.speedups as s; sys.exit(s.http_impl() != "compiled")'; then \
+		echo "again with APPD_PURE_PYTHON=1: $(HTTP_LAYER_TESTS)"; \
+		APPD_PURE_PYTHON=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(HTTP_LAYER_TESTS); fi
 
 # nginx-light is Debian 12's smallest nginx; later releases have only nginx.
 proxies:
@@ -61,6 +81,7 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet '.[bench]'
 	$(link_packages)
 	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client; make profile needs it)
+	$(call apt_install,valgrind,valgrind,tests/bench/request_cpu.py --instructions needs it)
 
 bench: bench-deps
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
@@ -80,4 +101,4 @@ chaos: $(STAMP) proxies
 	APPD_FUZZ_EXAMPLES=$${APPD_FUZZ_EXAMPLES:-1500} $(PY) -m pytest -q -s tests/test_conformance.py -k "fuzz or lost"
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info daemon/http/_compiled

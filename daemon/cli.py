@@ -8,7 +8,7 @@ import argparse
 import subprocess
 import sys
 
-from . import __version__, config, gunicorn, gunicorn_sources
+from . import __version__, config, gunicorn, gunicorn_sources, speedups
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -35,7 +35,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appd", description="Zero-downtime upgrade daemon for web services.")
-    parser.add_argument("--version", action="version", version=f"appd {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"appd {__version__} (http_impl: {speedups.http_impl()})")
     sub = parser.add_subparsers(dest="subcommand", required=True)  # not "command": a setting has that name
     start = sub.add_parser("start", help="run the daemon in the foreground")
     check = sub.add_parser("check", help="validate the config and import the app in a child process")

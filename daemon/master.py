@@ -22,7 +22,7 @@ import time
 import traceback
 
 from . import app as app_loading
-from . import hooks, log, master_boot, proc
+from . import hooks, log, master_boot, proc, speedups
 from .channel import Channel
 from .config import Settings
 from .loop import Loop
@@ -82,7 +82,8 @@ class Master:
             return EXIT_BOOT_FAILED
         self.gunicorn_hook("on_starting")
         self.gunicorn_hook("when_ready")  # gunicorn: listeners ready, workers not yet spawned
-        self.log.info("master_started", workers=self.target, worker_class=self.cfg.worker_class)
+        self.log.info("master_started", workers=self.target, worker_class=self.cfg.worker_class,
+                      http_impl=speedups.http_impl())  # the workers' appd.http: compiled or python
         while self.loop.running:
             self.manage_workers()
             self.report.send()

@@ -16,8 +16,6 @@ class RelaxedLine:
     """RequestReader's part for a parse that stops (see its state in
     RequestReader.__init__: done, error, head_chunks, heads_begun, pending_line, relaxed)."""
 
-    keep_method = False  # the method was valid: only the target is relaxed
-
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)

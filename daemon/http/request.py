@@ -72,13 +72,6 @@ class Request:
 class RequestReader(RelaxedLine):
     """Reads requests off one connection; also the httptools callback target."""
 
-    # Seldom read state, as class defaults (what is read per request is set in
-    # __init__: an instance attribute reads faster than a class fallback).
-    on_wait = None                          # called about every READ_TICK while a read blocks
-    refusal: HTTPError | None = None        # raised by our own callback checks
-    poller: select.poll | None = None
-    keep_method = False                     # see relax.RelaxedLine
-
     def __init__(self, sock: socket.socket, limit_line: int, limit_fields: int,
                  limit_field_size: int, header_timeout: float = 0.0,
                  read_timeout: float = 30.0, nonblocking_first: bool = False) -> None:
@@ -123,6 +116,12 @@ class RequestReader(RelaxedLine):
         self.heads_begun = 0
         self.pending_line: bytes | None = None
         self.relaxed: tuple[str, bytes] | None = None
+        # Seldom read, but set here rather than as class defaults: in the compiled
+        # build (request.pxd) every attribute is a declared field.
+        self.on_wait = None                    # called about every READ_TICK while a read blocks
+        self.refusal: HTTPError | None = None  # raised by our own callback checks
+        self.poller: select.poll | None = None
+        self.keep_method = False               # relax.RelaxedLine: the method was valid, only the target is relaxed
 
     # -- httptools callbacks ------------------------------------------------
 

@@ -114,6 +114,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="appd-profile-") as tmp:
         kind = BaselineAppdServer if baseline_wanted() else AppdServer
         options = {"threads": 4, "keepalive": 5} if args.worker == "gthread" else {}
+        # py-spy sees Python frames only: in the compiled appd.http (appd/speedups.py)
+        # appd's own code, its socket calls and the app call would all hide in the
+        # worker loop's frame. So the shares are the pure-Python modules'.
+        options["env"] = {"APPD_PURE_PYTHON": "1"}
         with kind(HELLO if args.app == "hello" else FLASK, 1, Path(tmp), **options) as server:
             worker = server.worker_pids()[0]
             result = {}

@@ -1,0 +1,20 @@
+# Declarations for the compiled build of this module (tools/build_speedups.py,
+# Cython): its classes become extension types, whose attributes are C fields
+# (a fixed layout: every attribute the .py sets must be declared here).
+from .body cimport Input
+from .request cimport Request
+
+cdef class Response:
+    cdef public object sock
+    cdef public Request req
+    cdef public Input input
+    cdef public bint keep_alive
+    cdef public object should_continue
+    cdef public bint head_only
+    cdef public object status
+    cdef public object headers
+    cdef public bint headers_sent
+    cdef public bint chunked
+    cdef public object content_length
+    cdef public Py_ssize_t sent
+    cdef public bint client_gone
