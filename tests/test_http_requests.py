@@ -131,6 +131,31 @@ def test_unix_peer_has_empty_remote_addr():
     assert result == [1] and env["REMOTE_ADDR"] == "" and env["SERVER_PORT"] == ""
 
 
+def test_a_served_connection_leaves_no_cycle_for_the_garbage_collector():
+    """Freed by reference counting when it closes (the parser calls back into the
+    reader: a cycle unless closing breaks it), so a busy worker runs no collections
+    for its connections."""
+    import gc
+    info = ServerInfo("127.0.0.1", "8000")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            server_side, client = socket.socketpair()
+            with client:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert handle_connection(server_side, ("127.0.0.1", 5000), APP, info) == 1
+                assert read_until_close(client).startswith(b"HTTP/1.1 200")
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("appd")})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+
 # -- request bodies -------------------------------------------------------------
 
 def test_post_with_content_length():

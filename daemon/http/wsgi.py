@@ -257,6 +257,9 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+        # The parser calls back into the reader: a cycle, left for the garbage
+        # collector (a pass every few hundred connections) unless broken here.
+        self.reader.parser = None
 
 
 def handle_connection(conn: socket.socket, client_addr, app, info: ServerInfo,
