@@ -30,7 +30,7 @@ endef
 # forces the sources). Best effort: without Cython or gcc the pure-Python modules
 # run. Kept when current, so `make test` rebuilds only after the sources change.
 define build_speedups
-	@$(PY) -c 'import Cython' 2>/dev/null || $(PY) -m pip install --quiet 'cython>=3.0,<4' || \
+	@$(PY) -c 'import Cython, setuptools' 2>/dev/null || $(PY) -m pip install --quiet 'cython>=3.0,<4' setuptools || \
 		echo "Cython not installed: appd.http runs as pure Python"
 	@$(PY) tools/build_speedups.py
 endef

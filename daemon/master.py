@@ -22,7 +22,7 @@ import time
 import traceback
 
 from . import app as app_loading
-from . import hooks, log, master_boot, proc, speedups
+from . import hooks, http, log, master_boot, proc
 from .channel import Channel
 from .config import Settings
 from .loop import Loop
@@ -83,7 +83,7 @@ class Master:
         self.gunicorn_hook("on_starting")
         self.gunicorn_hook("when_ready")  # gunicorn: listeners ready, workers not yet spawned
         self.log.info("master_started", workers=self.target, worker_class=self.cfg.worker_class,
-                      http_impl=speedups.http_impl())  # the workers' appd.http: compiled or python
+                      http_impl=http.IMPL)  # what the forked workers run: compiled or python
         while self.loop.running:
             self.manage_workers()
             self.report.send()

@@ -126,6 +126,26 @@ def test_gthread_slow_request_does_not_hold_up_others_ready_at_the_same_time(gth
                 sock.close()
 
 
+def test_gthread_request_waiting_for_a_busy_thread_is_not_taken_for_idle(start_appd):
+    """One thread, busy with a slow request for longer than the keep-alive: a kept
+    connection's next request, sent meanwhile, waits for the thread and is answered;
+    its keep-alive deadline passing meanwhile does not close it under the request."""
+    appd = start_appd("--worker-class", "gthread", "--threads", "1", "-w", "1", "--keepalive", "3")
+    kept, slow = _connect(appd.address), _connect(appd.address)
+    buffers = bytearray(), bytearray()
+    try:
+        kept.sendall(GET)
+        assert _read_response(kept, buffers[0]).startswith(b"HTTP/1.1 200")
+        slow.sendall(b"GET /slow?s=6 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: appd.status()["generations"][0]["workers"][0].get("busy"), timeout=10)
+        kept.sendall(GET)  # the only thread is in /slow for 6 s; keep-alive is 3 s
+        assert _read_response(kept, buffers[0]).startswith(b"HTTP/1.1 200")
+        assert _read_response(slow, buffers[1]).startswith(b"HTTP/1.1 200")
+    finally:
+        kept.close()
+        slow.close()
+
+
 def test_gthread_drain_answers_idle_connections_next_request_with_close(start_appd, tmp_path):
     """Drain hands nothing on (the whole service stops), yet never closes an idle
     connection under its client: its next request is served, with `Connection:

@@ -188,7 +188,10 @@ class ThreadWorker(Worker):
         """A new connection joins the epoll set; at_once: a thread takes it now."""
         self.open.add(kept)
         self.parked[kept.fd] = kept
-        self.epoll.register(kept.fd, WAKE_NOW if at_once else WAIT_READABLE)
+        try:
+            self.epoll.register(kept.fd, WAKE_NOW if at_once else WAIT_READABLE)
+        except OSError:  # a thread holding a stale wakeup for this fd took it and closed it
+            pass
 
     def take_parked(self, kept: Kept) -> bool:
         """The main thread takes a parked connection (to end it or hand it on);
@@ -213,7 +216,24 @@ class ThreadWorker(Worker):
         for kept in list(self.parked.values()):
             why = kept.expired(now)
             if why and self.take_parked(kept):
-                self.end(kept, answer_timeout=why == "head")
+                self.end_late(kept, why, now)
+
+    def end_late(self, kept: Kept, why: str, now: float) -> None:
+        """A deadline passed while the connection waited in epoll: end it (idle: close;
+        head: 408), unless the client sent more while every thread was busy. Then
+        read it here, as a poller would: a whole request waits for a thread with no
+        deadline, the start of a head gets its header_timeout."""
+        if kept.input_waiting():
+            if not kept.reads_without_blocking:
+                return self.park(kept)  # a thread reads it; the deadline is checked again
+            kept.reader.read_now()
+            if kept.reader.eof and not kept.has_request:
+                return self.end(kept)
+            kept.head_started(now, self.header_timeout)
+            if kept.expired(now) is None:
+                return self.park(kept)
+            why = "head"
+        self.end(kept, answer_timeout=why == "head")
 
     def set_accepting(self, accepting: bool) -> None:
         """Listen (and take handed-on connections) only below worker_connections,
@@ -284,20 +304,19 @@ class ThreadWorker(Worker):
 
     def give_back_stuck(self) -> None:
         """Ready connections a thread took but has not begun, while it serves one
-        for longer than SLOW_TURN: armed again, as they were, for the other threads."""
+        for longer than SLOW_TURN: armed again for the other threads."""
         now = time.monotonic()
         self.watching = any(rest for _, rest in self.batches)
         for began, rest in self.batches:
             if rest and began and now - began > SLOW_TURN:
                 while True:
                     try:
-                        fd, mask = rest.popleft()
+                        fd, _ = rest.popleft()
                     except IndexError:
                         break
-                    try:
-                        self.epoll.modify(fd, WAKE_NOW if mask & select.EPOLLOUT else WAIT_READABLE)
-                    except (OSError, ValueError):
-                        pass  # ended meanwhile
+                    kept = self.parked.get(fd)
+                    if kept is not None:  # else taken meanwhile, by whoever holds it now
+                        self.park(kept)
 
     def take(self, kept: Kept, now: float) -> None:
         self.serving_since[kept] = now
@@ -313,14 +332,17 @@ class ThreadWorker(Worker):
     def take_turn(self, kept: Kept) -> None:
         """The connection woke this thread: serve what it has, then arm it again,
         hand it on, or close it."""
-        if not (kept.needs_thread or kept.has_request or kept.decrypted_waiting):
+        if kept.needs_thread:
+            if kept.idle_for_thread():  # a stale wakeup: a blocking read would wait for the client
+                return self.park(kept, at_once=False)
+        elif not (kept.has_request or kept.decrypted_waiting):
             if not kept.read_waiting():  # nothing after all (a stale wakeup)
-                return self.park(kept)
+                return self.park(kept, at_once=False)
             if not kept.has_request:
                 if kept.reader.eof:
                     return self.release_closed(kept)
                 kept.head_started(time.monotonic(), self.header_timeout)
-                return self.park(kept)
+                return self.park(kept, at_once=False)
         while True:
             if not self.run_connection(kept):
                 return self.release(kept)  # closed by the connection itself
@@ -328,7 +350,7 @@ class ThreadWorker(Worker):
                 break  # else an error to answer, or TLS records already decrypted
         kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
         if not (self.handing_off and self.pass_on(kept)):
-            self.park(kept)
+            self.park(kept, at_once=False)
 
     def run_connection(self, kept: Kept) -> bool:
         """Serve the requests it has; True if it stays open, idle between requests."""
@@ -341,19 +363,23 @@ class ThreadWorker(Worker):
             kept.close()
             return False
 
-    def park(self, kept: Kept) -> None:
-        """Back into epoll until readable. The main thread may take it (to end it or
-        hand it on) before the re-arm: then the re-arm fails or wakes nobody useful."""
+    def park(self, kept: Kept, at_once: bool | None = None) -> None:
+        """Back into epoll until readable, or at once if it has work in hand that no
+        readiness will announce (at_once None: ask it). The main thread may take it
+        (to end it or hand it on) before the re-arm: then the re-arm fails or wakes
+        nobody useful."""
+        if at_once is None:
+            at_once = kept.wants_turn()
         self.parked[kept.fd] = kept
         try:
-            self.epoll.modify(kept.fd, WAIT_READABLE)
+            self.epoll.modify(kept.fd, WAKE_NOW if at_once else WAIT_READABLE)
         except (OSError, ValueError):  # taken and closed meanwhile, or the worker is ending
             pass
 
     def release(self, kept: Kept) -> None:
         """A connection closed by a thread leaves the count."""
         self.open.discard(kept)
-        if not self.alive or len(self.open) == self.max_connections - 1:
+        if not self.alive or not self.accepting:  # stopping, or may accept again
             self.nudge()
 
     def release_closed(self, kept: Kept) -> None:
@@ -428,7 +454,7 @@ class ThreadWorker(Worker):
             pass
         if not self.handoff.send(kept.sock, data, kept.listener):
             self.handing_off = False  # channel full: serve next requests here, with close
-            self.epoll.register(kept.fd, WAIT_READABLE)
+            self.epoll.register(kept.fd, WAKE_NOW if kept.wants_turn() else WAIT_READABLE)
             return False
         kept.close()  # our copy only: the connection itself travels on
         with self.count_lock:

@@ -6,6 +6,7 @@ connection on with exactly the part of the next request it already read."""
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 
@@ -98,13 +99,39 @@ class Kept:
         return bool(reader.ready) or reader.error is not None or reader.done
 
     def read_waiting(self) -> bool:
-        """One read of what arrived (epoll saw it readable): True if bytes (or the end
-        of the connection) came, False if nothing was there after all (a stale wakeup)."""
+        """One read of what arrived, never waiting: True if bytes (or the end of the
+        connection) came, False if nothing was there (a stale wakeup)."""
         reader = self.reader
         if reader.sock_timeout is None:
             return reader.read_now()
-        reader.fill()  # a socket a slow send or read left with a timeout: waits a tick at most
+        if not self.input_waiting():  # a socket a slow send or read left with a timeout
+            return False
+        reader.fill()
         return True
+
+    def input_waiting(self) -> bool:
+        """Bytes (or the client's close) wait in the kernel, unread."""
+        try:
+            return bool(select.select([self.fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True  # closed under us: let the reader find out
+
+    @property
+    def reads_without_blocking(self) -> bool:
+        """A plain socket (no TLS, no PROXY header to come, no timeout set): any
+        thread, the main one too, can read it with one call that never waits."""
+        return self.connection.setup is None and self.reader.sock_timeout is None \
+            and not isinstance(self.connection.sock, ssl.SSLSocket)
+
+    def wants_turn(self) -> bool:
+        """Work in hand that no readiness will announce: bytes handed on with it not
+        read yet, a request already parsed, TLS records already decrypted."""
+        return bool(self.tap.pending) or self.has_request or self.decrypted_waiting
+
+    def idle_for_thread(self) -> bool:
+        """A connection that needs a thread (TLS, PROXY) woke one with nothing to do:
+        set up already, no request parsed, nothing decrypted or waiting (a stale wakeup)."""
+        return self.connection.setup is None and not self.wants_turn() and not self.input_waiting()
 
     def hold(self, now: float, keepalive: float, header_timeout: float) -> None:
         """Back in the poller between requests: start the deadline that applies."""
@@ -122,7 +149,10 @@ class Kept:
             self.idle_until = None
 
     def expired(self, now: float) -> str | None:
-        """"idle" (keep-alive over: close quietly), "head" (too slow: 408) or None."""
+        """"idle" (keep-alive over: close quietly), "head" (too slow: 408) or None
+        (a whole request waits for a thread: no deadline, as in a queue)."""
+        if self.has_request:
+            return None
         if self.head_until is not None and now >= self.head_until:
             return "head"
         if self.idle_until is not None and now >= self.idle_until and not self.reader.in_head:
@@ -136,7 +166,7 @@ class Kept:
     def answer_timeout(self) -> None:
         try:
             self.sock.send(_TIMEOUT_408, socket.MSG_DONTWAIT)  # tiny: fits the send buffer
-        except OSError:
+        except (OSError, ValueError):  # an SSLSocket takes no flags: the close alone then
             pass
         self.close()
 
@@ -145,6 +175,10 @@ class Kept:
         cannot be known (too much read since the last idle point) or the connection
         cannot move (TLS, PROXY protocol)."""
         if not self.transferable:
+            return None
+        if self.tap.pending:  # handed to us and not read yet: it travels on as it came
+            return self.tap.pending
+        if self.has_request:  # parsed already: served here
             return None
         if not self.reader.in_head:
             return b""
