@@ -52,10 +52,13 @@ def compile_modules(speedups, work: Path) -> dict[str, Path]:
     src.mkdir()
     (src / "appd").symlink_to(ROOT / "daemon")
     os.chdir(src)
-    extensions = [Extension(f"appd.http.{name}", [f"appd/http/{name}.py"]) for name in speedups.MODULES]
+    # -O1: half the compile time of the interpreter's -O3, no slower here (the
+    # generated code is mostly calls into the C API).
+    extensions = [Extension(f"appd.http.{name}", [f"appd/http/{name}.py"], extra_compile_args=["-O1"])
+                  for name in speedups.MODULES]
     # annotation_typing off: only the .pxd declarations type anything, so the
     # compiled modules keep the sources' Python semantics (no argument checks).
-    extensions = cythonize(extensions, build_dir=str(work / "c"), language_level=3, quiet=True,
+    extensions = cythonize(extensions, build_dir=str(work / "c"), language_level=3, quiet=True, nthreads=os.cpu_count() or 1,
                            compiler_directives={"annotation_typing": False})
     dist = Distribution({"name": "appd-speedups", "ext_modules": extensions})
     build = dist.get_command_obj("build_ext")
