@@ -21,7 +21,6 @@ __all__ = ["Connection", "FileWrapper", "ServerInfo", "handle_connection", "_dat
 READ_TIMEOUT = 30.0          # a client this slow to send a request is dropped
 LINGER_TIMEOUT = 1.0         # after an error, read what the client still sends...
 LINGER_BYTES = 256 * 1024    # ...so closing does not RST away our error response
-TURN_LIMIT = 16              # requests a thread serves on one connection before others get a turn
 
 _log = structlog.get_logger()
 
@@ -178,27 +177,22 @@ class Connection:
         self.setup = info.setup  # done on the first serve(), in the serving thread
 
     def serve(self, app, access_log=None, keepalive: float = 0.0, should_continue=_always,
-              on_request=None, park: bool = False, on_wait=None, read_ahead=None) -> bool:
+              on_request=None, park: bool = False, on_wait=None) -> bool:
         """Serve requests. Returns True when the connection is idle between keep-alive
         requests and park=True: the caller waits until it is readable and calls
         serve() again. Returns False once the connection is closed. Client errors
         never raise out of here. on_wait is called about every READ_TICK while a
-        read blocks (the sync worker's heartbeat). With park=True, while read_ahead()
-        is true a next request already here is served at once (see next_is_here):
-        a stopping worker parks its connections, to hand them on."""
+        read blocks (the sync worker's heartbeat)."""
         if self.setup is not None and not self.setup.prepare(self):
             return False
         reader, conn, conn_env = self.reader, self.sock, self.env
         reader.on_wait = on_wait
         linger = False
         idle = 0.0
-        turn = 0
         try:
             while True:
-                if park and idle and not reader.ready and (
-                        turn >= TURN_LIMIT or read_ahead is None or not read_ahead() or not self.next_is_here()):
+                if park and idle and not reader.ready:
                     return True  # no whole head here: wait in the caller's poller, not in a thread
-                turn += 1
                 try:
                     req = reader.next_request(idle, should_continue)
                 except HTTPError as exc:
@@ -222,13 +216,6 @@ class Connection:
             linger = False
         self.close(linger)
         return False
-
-    def next_is_here(self) -> bool:
-        """After a keep-alive response: is the next request (or the client's close,
-        or an error to answer) already here? Then this thread serves it without a
-        trip through the poller. A part of a head only goes back to the poller."""
-        reader = self.reader
-        return reader.read_now() and bool(reader.ready or reader.eof or reader.error or reader.done)
 
     def head_late(self, now: float | None = None) -> bool:
         """A request head is being read past header_timeout (for workers that

@@ -201,12 +201,12 @@ class ThreadWorker(Worker):
         return self.parked.pop(kept.fd, None) is kept
 
     def end(self, kept: Kept, answer_timeout: bool = False) -> None:
-        """Close a connection this thread owns."""
-        self.open.discard(kept)
+        """Close a connection this thread owns (the main thread or a serving one)."""
         if answer_timeout:
             kept.answer_timeout()
         else:
             kept.close()
+        self.release(kept)
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -324,8 +324,7 @@ class ThreadWorker(Worker):
             self.take_turn(kept)
         except BaseException:  # e.g. the app's sys.exit(): the thread must live on
             self.log.exception("connection_failed")
-            self.release(kept)
-            kept.close()
+            self.end(kept)
         finally:
             self.serving_since.pop(kept, None)
 
@@ -340,7 +339,7 @@ class ThreadWorker(Worker):
                 return self.park(kept, at_once=False)
             if not kept.has_request:
                 if kept.reader.eof:
-                    return self.release_closed(kept)
+                    return self.end(kept)
                 kept.head_started(time.monotonic(), self.header_timeout)
                 return self.park(kept, at_once=False)
         while True:
@@ -377,14 +376,10 @@ class ThreadWorker(Worker):
             pass
 
     def release(self, kept: Kept) -> None:
-        """A connection closed by a thread leaves the count."""
+        """A closed connection leaves the count."""
         self.open.discard(kept)
         if not self.alive or not self.accepting:  # stopping, or may accept again
             self.nudge()
-
-    def release_closed(self, kept: Kept) -> None:
-        kept.close()
-        self.release(kept)
 
     def should_continue(self) -> bool:
         """Whether a response may keep its connection alive: yes while serving, and

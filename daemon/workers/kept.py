@@ -159,10 +159,6 @@ class Kept:
             return "idle"
         return None
 
-    def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.idle_until, self.head_until) if d is not None]
-        return min(deadlines) if deadlines else None
-
     def answer_timeout(self) -> None:
         try:
             self.sock.send(_TIMEOUT_408, socket.MSG_DONTWAIT)  # tiny: fits the send buffer
