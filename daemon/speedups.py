@@ -20,7 +20,7 @@ import sysconfig
 from pathlib import Path
 
 # In import order: each one's cimports (.pxd) come before it.
-MODULES = ("errors", "names", "validate", "relax", "request", "body", "response", "wsgi")
+MODULES = ("errors", "names", "validate", "relax", "request", "body", "response", "wsgi", "kept")
 HTTP_DIR = Path(__file__).parent / "http"
 COMPILED_DIR = HTTP_DIR / "_compiled"
 MANIFEST = COMPILED_DIR / "sources.json"

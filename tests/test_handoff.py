@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appd import handoff
-from appd.workers.kept import partial_tail
+from appd.http.kept import partial_tail
 
 
 @pytest.fixture

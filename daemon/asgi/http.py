@@ -25,7 +25,7 @@ import httptools
 
 from ..http.errors import BadRequest, HeadersTooLarge, HTTPError, URITooLong, error_response
 from ..http.wsgi import _date_line
-from ..workers.kept import RECORD_LIMIT, partial_tail
+from ..http.kept import RECORD_LIMIT, partial_tail
 from .cycle import RequestCycle
 from .flow import WriteFlow
 from .server import ASGI_INFO, PIPELINE_DEPTH

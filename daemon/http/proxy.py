@@ -5,7 +5,7 @@ only (gunicorn's settings and defaults).
 
 Workers build one ConnectionSetup per listener (ServerInfo.setup); Connection
 calls accept() once per accepted socket and the request layer calls
-ProxyRules.apply() once per request.
+ProxyRules.apply() for each request that carries one of its headers.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ class ProxyRules:
         self.secure = [("HTTP_" + name.upper().replace("-", "_"), value.lower())
                        for name, value in (cfg.secure_scheme_headers or {}).items()]
         self.forwarders = [name.upper() for name in cfg.forwarder_headers or []]
-        # The headers that matter: most requests carry none, and cost one scan of this tuple.
-        self.watched = tuple({key for key, _ in self.secure} | {"HTTP_X_FORWARDED_FOR"}
-                             | {"HTTP_" + name for name in self.forwarders})
+        # The headers that matter (environ keys): most requests carry none, and
+        # then apply() is not called at all (wsgi._serve asks isdisjoint first).
+        self.watched = frozenset({key for key, _ in self.secure} | {"HTTP_X_FORWARDED_FOR"}
+                                 | {"HTTP_" + name for name in self.forwarders})
 
     def apply(self, environ: dict) -> None:
-        """Rewrite REMOTE_ADDR, wsgi.url_scheme and the forwarder variables for a trusted peer."""
-        if not any(map(environ.__contains__, self.watched)):
-            return
+        """Rewrite REMOTE_ADDR, wsgi.url_scheme and the forwarder variables for a trusted
+        peer; called for requests with at least one of the `watched` headers."""
         if environ.get("REMOTE_ADDR", "") not in self.trusted:
             return
         self._scheme(environ)

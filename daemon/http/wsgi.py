@@ -87,8 +87,9 @@ def _serve(sock, reader: RequestReader, req: Request, app, conn_env: dict,
     environ["RAW_URI"] = req.url.decode("latin-1")
     environ["SERVER_PROTOCOL"] = req.version
     environ["wsgi.input"] = inp = Input(reader, req)
-    if "appd.proxy" in environ:  # a trusted proxy's word on client, scheme, prefix
-        environ["appd.proxy"].apply(environ)
+    rules = conn_env.get("appd.proxy")  # a trusted proxy's word on client, scheme, prefix
+    if rules is not None and not rules.watched.isdisjoint(req.fields):
+        rules.apply(environ)
     if access_log:
         access_log.before(req, environ)
     resp = Response(sock, req, inp, keep_alive, should_continue if keep_alive else None)

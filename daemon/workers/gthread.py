@@ -41,7 +41,7 @@ from .. import handoff
 from ..access import RequestLog
 from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
-from .kept import Kept
+from ..http.kept import END, HEAD, SERVE, Kept
 from .sync import server_info
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
@@ -331,22 +331,18 @@ class ThreadWorker(Worker):
     def take_turn(self, kept: Kept) -> None:
         """The connection woke this thread: serve what it has, then arm it again,
         hand it on, or close it."""
-        if kept.needs_thread:
-            if kept.idle_for_thread():  # a stale wakeup: a blocking read would wait for the client
-                return self.park(kept, at_once=False)
-        elif not (kept.has_request or kept.decrypted_waiting):
-            if not kept.read_waiting():  # nothing after all (a stale wakeup)
-                return self.park(kept, at_once=False)
-            if not kept.has_request:
-                if kept.reader.eof:
-                    return self.end(kept)
+        woke = kept.woken()
+        if woke is not SERVE:
+            if woke is END:
+                return self.end(kept)
+            if woke is HEAD:
                 kept.head_started(time.monotonic(), self.header_timeout)
-                return self.park(kept, at_once=False)
+            return self.park(kept, at_once=False)
         while True:
             if not self.run_connection(kept):
                 return self.release(kept)  # closed by the connection itself
-            if not (kept.has_request or kept.decrypted_waiting):
-                break  # else an error to answer, or TLS records already decrypted
+            if not kept.more_to_serve():
+                break  # else a pipelined request, an error to answer, or TLS records decrypted
         kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
         if not (self.handing_off and self.pass_on(kept)):
             self.park(kept, at_once=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 from appd.http import ServerInfo
-from appd.workers.kept import Kept
+from appd.http.kept import Kept
 
 INFO = ServerInfo("127.0.0.1", "8000")
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -12,8 +12,8 @@ import ssl
 
 import httptools
 
-from ..http import Connection, ServerInfo
-from ..http.errors import error_response
+from .errors import error_response
+from .wsgi import Connection, ServerInfo
 
 RECORD_LIMIT = 64 * 1024  # beyond this since the last idle point, the connection is not handed on
 _TIMEOUT_408 = error_response("408 Request Timeout", "")
@@ -53,17 +53,29 @@ class Tap:
         return getattr(self.sock, name)
 
 
+# What a thread does with a connection that woke it (Kept.woken).
+SERVE = "serve"  # a whole request (or an error to answer, a setup to do) is here
+WAIT = "wait"    # nothing to do yet (a stale wakeup): back into epoll until readable
+HEAD = "head"    # the start of a head came: its header_timeout runs, back into epoll
+END = "end"      # the client closed between requests
+
+
 class Kept:
     """One connection of the worker, with its state in the poller."""
 
-    __slots__ = ("connection", "tap", "listener", "idle_until", "head_until", "transferable", "fd")
+    __slots__ = ("connection", "reader", "tap", "listener", "idle_until", "head_until",
+                 "transferable", "plain", "fd")
 
     def __init__(self, sock, addr, info: ServerInfo, listener: str, pending: bytes = b""):
         self.connection = Connection(sock, addr, info)
+        self.reader = self.connection.reader
         self.fd = sock.fileno()
         self.transferable = info.setup is None or info.setup.transferable
+        # Neither TLS nor a PROXY header: never needs a thread to read, never holds
+        # decrypted bytes. Asked first on every wakeup, so the usual case is cheap.
+        self.plain = info.setup is None or not info.setup.blocking
         self.tap = Tap(sock, pending)
-        self.connection.reader.sock = self.tap
+        self.reader.sock = self.tap
         self.listener = listener
         self.idle_until: float | None = None   # keep-alive deadline while no byte of a head came
         self.head_until: float | None = None   # header_timeout deadline once a head started
@@ -73,14 +85,12 @@ class Kept:
         return self.connection.sock
 
     @property
-    def reader(self):
-        return self.connection.reader
-
-    @property
     def needs_thread(self) -> bool:
         """Its heads are read by a thread, not the poller: a PROXY header or TLS
         handshake still to come (blocking, with their own timeouts), or a TLS
         session, whose records the poller cannot read without blocking."""
+        if self.plain:
+            return False
         connection = self.connection
         if connection.setup is not None:
             return connection.setup.blocking
@@ -89,6 +99,8 @@ class Kept:
     @property
     def decrypted_waiting(self) -> bool:
         """TLS records read and decrypted but not consumed: readable, though the poller cannot see it."""
+        if self.plain:
+            return False
         sock = self.connection.sock
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
@@ -97,6 +109,29 @@ class Kept:
         """A complete head (or an error to answer) is ready: time for a thread."""
         reader = self.reader
         return bool(reader.ready) or reader.error is not None or reader.done
+
+    def woken(self) -> str:
+        """A thread woke for this connection: read what came, never waiting, and say
+        what to do (SERVE, WAIT, HEAD or END)."""
+        reader = self.reader
+        if reader.ready or reader.error is not None or reader.done:
+            return SERVE
+        if not self.plain:
+            if self.needs_thread:  # TLS or PROXY: the thread reads (blocking, with timeouts)
+                return WAIT if self.idle_for_thread() else SERVE
+            if self.decrypted_waiting:
+                return SERVE
+        if not self.read_waiting():
+            return WAIT
+        if reader.ready or reader.error is not None or reader.done:
+            return SERVE
+        return END if reader.eof else HEAD
+
+    def more_to_serve(self) -> bool:
+        """After a turn: a pipelined request (or an error) is parsed already, or TLS
+        records are decrypted: serve on instead of waiting in epoll for readiness."""
+        reader = self.reader
+        return bool(reader.ready) or reader.error is not None or reader.done or self.decrypted_waiting
 
     def read_waiting(self) -> bool:
         """One read of what arrived, never waiting: True if bytes (or the end of the

@@ -1,0 +1,22 @@
+# Declarations for the compiled build of this module (tools/build_speedups.py,
+# Cython): its classes become extension types, whose attributes are C fields
+# (a fixed layout: every attribute the .py sets must be declared here).
+from .request cimport RequestReader
+from .wsgi cimport Connection
+
+cdef class Tap:
+    cdef public object sock
+    cdef public object pending
+    cdef public bytearray raw
+    cdef public bint overflow
+
+cdef class Kept:
+    cdef public Connection connection
+    cdef public RequestReader reader
+    cdef public Tap tap
+    cdef public object listener
+    cdef public object idle_until
+    cdef public object head_until
+    cdef public bint transferable
+    cdef public bint plain
+    cdef public int fd
