@@ -40,7 +40,12 @@ class FileWrapper:
 
 _NO_BODY = ("204", "304")    # and every 1xx
 _STATUS_LINES: dict[str, str] = {}
-_NAMES: dict[str, str] = {}   # response header names checked as tokens -> lower case
+# Response header name (as the app spells it) -> what it means to the server,
+# once the name is checked as a token. Hop-by-hop names are refused, never cached.
+_PLAIN, _LENGTH, _DATE, _SERVER = "plain", "content-length", "date", "server"
+_MEANINGS = {_LENGTH: _LENGTH, _DATE: _DATE, _SERVER: _SERVER}  # lower-case name -> its kind
+_KINDS: dict[str, str] = {}
+_KINDS_MAX = 1024  # bounded: an app inventing names cannot grow it without end
 _date = (0, "")
 
 
@@ -50,6 +55,16 @@ def _date_line() -> str:
     if _date[0] != now:  # a tuple swap, so threads never see half an update
         _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
     return _date[1]
+
+
+def _header_kind(name) -> str:
+    lname = check_field_name(name)
+    if lname in HOP_BY_HOP:  # framing and persistence are the server's business
+        raise AppError(f"hop-by-hop header {name!r} from the application (PEP 3333)")
+    kind = _MEANINGS.get(lname, _PLAIN)
+    if len(_KINDS) < _KINDS_MAX:
+        _KINDS[name] = kind
+    return kind
 
 
 def _status_line(status: str) -> str:
@@ -161,22 +176,22 @@ class Response:
         refuse hop-by-hop fields. Returns whether Date and Server were given."""
         has_date = has_server = False
         for name, value in self.headers:
-            lname = _NAMES.get(name) or check_field_name(name, _NAMES)
+            kind = _KINDS.get(name)
+            if kind is None:
+                kind = _header_kind(name)
             if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
                 check_field_value(name, value)
-            if lname == "content-length":
-                if self.content_length is not None:
-                    raise AppError("the application sent Content-Length twice")
-                if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
-                    raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
-                self.content_length = int(value)
-            elif lname in HOP_BY_HOP:
-                # Framing and persistence are the server's business.
-                raise AppError(f"hop-by-hop header {name!r} from the application (PEP 3333)")
-            elif lname == "date":
-                has_date = True
-            elif lname == "server":
-                has_server = True
+            if kind != _PLAIN:
+                if kind == _LENGTH:
+                    if self.content_length is not None:
+                        raise AppError("the application sent Content-Length twice")
+                    if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
+                        raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
+                    self.content_length = int(value)
+                elif kind == _DATE:
+                    has_date = True
+                else:
+                    has_server = True
             parts.append(f"{name}: {value}\r\n")
         return has_date, has_server
 

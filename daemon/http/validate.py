@@ -51,19 +51,15 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "t
                         "transfer-encoding", "upgrade"))
 _STR_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
-_NAMES_MAX = 1024
 
 
-def check_field_name(name, cache: dict) -> str:
+def check_field_name(name) -> str:
     """The lower-case form of a response header name the app sent, once checked."""
     if type(name) is not str:
         raise AppError(f"header name {name!r} is {type(name).__name__}, not str (PEP 3333)")
     if not _STR_TOKEN(name):
         raise AppError(f"header name {name!r} is not a token")
-    lname = name.lower()
-    if len(cache) < _NAMES_MAX:
-        cache[name] = lname
-    return lname
+    return name.lower()
 
 
 def check_field_value(name: str, value) -> None:
