@@ -18,3 +18,18 @@ cdef class Response:
     cdef public object content_length
     cdef public Py_ssize_t sent
     cdef public bint client_gone
+
+    # cpdef: called from Python as before, and straight from C inside the
+    # compiled module (no attribute lookup, no Python call per step).
+    cpdef _sendall(self, data)
+    cpdef send_head(self, first, known_length)
+    cpdef _scan_headers(self, list parts)
+    cpdef _choose_framing(self, list parts, known_length)
+    cpdef _choose_persistence(self, list parts)
+    cpdef _send_with_head(self, head, first, body)
+    cpdef _frame(self, data)
+    cpdef send_body(self, data)
+    cpdef done(self)
+    cpdef send_result(self, result)
+    cpdef finish(self, known=*)
+    cpdef _try_sendfile(self, wrapper)

@@ -67,6 +67,16 @@ def _header_kind(name) -> str:
     return kind
 
 
+def _length_of(chunks) -> int | None:
+    """The body length of a list or tuple of bytes, else None (checked as sent)."""
+    total = 0
+    for chunk in chunks:
+        if type(chunk) is not bytes:
+            return None
+        total += len(chunk)
+    return total
+
+
 def _status_line(status: str) -> str:
     line = _STATUS_LINES.get(status)
     if line is None:
@@ -169,7 +179,7 @@ class Response:
         except UnicodeEncodeError as exc:
             raise AppError(f"status or header is not latin-1 (PEP 3333): {exc}") from None
         self.headers_sent = True
-        self._send_with_head(head, first, body=not (no_body or self.head_only))
+        self._send_with_head(head, first, not (no_body or self.head_only))
 
     def _scan_headers(self, parts: list) -> tuple[bool, bool]:
         """Check the app's headers and add them to `parts`; note Content-Length,
@@ -261,9 +271,7 @@ class Response:
     def send_result(self, result) -> None:
         if type(result) is FileWrapper and self._try_sendfile(result):
             return
-        known = None
-        if type(result) in (list, tuple) and all(type(c) is bytes for c in result):
-            known = sum(map(len, result))
+        known = _length_of(result) if type(result) in (list, tuple) else None
         for chunk in result:
             if type(chunk) is not bytes:
                 _check_bytes(chunk)
