@@ -33,3 +33,10 @@ cdef class RelaxedLine:
     cdef public object refusal
     cdef public object poller
     cdef public bint keep_method
+
+    # cpdef: called from Python as before, and straight from C inside the compiled modules.
+    cpdef _feed(self, data)
+    cpdef _parse_stopped(self, exc)
+    cpdef _stop(self, error)
+    cpdef _relax(self, url_refused)
+    cpdef _relax_pending(self, data)

@@ -1,6 +1,8 @@
 # Declarations for the compiled build of this module (tools/build_speedups.py,
 # Cython): its classes become extension types, whose attributes are C fields
 # (a fixed layout: every attribute the .py sets must be declared here).
+cimport cython
+
 from .relax cimport RelaxedLine
 
 cdef class Request:
@@ -17,4 +19,22 @@ cdef class Request:
     cdef public bint broken
 
 cdef class RequestReader(RelaxedLine):
-    pass
+    # cpdef: called from Python as before, and straight from C inside the compiled
+    # modules. httptools calls the parser's callbacks (on_*) by name: def, or cpdef
+    # for the typed locals.
+    @cython.locals(req=Request, fields=dict)
+    cpdef on_headers_complete(self)
+    cpdef _check_head(self, req)
+    cpdef _other_version(self, version)
+    cpdef _check_trailer(self, key)
+    cpdef _refuse(self, exc)
+    cpdef next_request(self, idle_timeout=*, should_continue=*)
+    cpdef fill(self, head=*)
+    cpdef read_now(self)
+    cpdef _take(self, data)
+    cpdef _recv(self, head, timed_out)
+    cpdef _readable(self, timeout)
+    cpdef head_late(self, now=*)
+    cpdef set_timeout(self, timeout)
+    cpdef for_sending(self)
+    cpdef _wait_idle(self, timeout, should_continue)
