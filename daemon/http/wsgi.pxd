@@ -1,7 +1,16 @@
 # Declarations for the compiled build of this module (tools/build_speedups.py,
 # Cython): its classes become extension types, whose attributes are C fields
 # (a fixed layout: every attribute the .py sets must be declared here).
-from .request cimport RequestReader
+from .request cimport Request, RequestReader
+from .response cimport Response
+
+# cpdef: called from Python as before, and straight from C inside the compiled
+# module; typed arguments read their fields directly.
+cpdef dict _base_environ(info)
+cpdef _serve(sock, RequestReader reader, Request req, app, dict conn_env, keep_alive, access_log,
+             should_continue=*)
+cpdef _send_error(Response resp, RequestReader reader, status)
+cpdef _linger_close(sock)
 
 cdef class Connection:
     cdef public object sock
@@ -9,3 +18,8 @@ cdef class Connection:
     cdef public RequestReader reader
     cdef public Py_ssize_t served
     cdef public object setup
+
+    cpdef serve(self, app, access_log=*, keepalive=*, should_continue=*, on_request=*, park=*, on_wait=*)
+    cpdef head_late(self, now=*)
+    cpdef refuse(self, exc, access_log=*)
+    cpdef close(self, linger=*)
