@@ -8,3 +8,8 @@ cdef class Input:
     cdef public Request _req
     cdef public bytearray _buf
     cdef public bint continue_pending
+
+    # cpdef: called from Python as before, and straight from C inside the compiled modules.
+    cpdef _pull(self)
+    cpdef _take(self, n)
+    cpdef drain(self, limit)

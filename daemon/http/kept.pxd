@@ -10,6 +10,9 @@ cdef class Tap:
     cdef public bytearray raw
     cdef public bint overflow
 
+    cpdef recv(self, size, flags=*)
+    cpdef restart(self)
+
 cdef class Kept:
     cdef public Connection connection
     cdef public RequestReader reader
@@ -20,3 +23,16 @@ cdef class Kept:
     cdef public bint transferable
     cdef public bint plain
     cdef public int fd
+
+    # cpdef: called from the worker (Python) as before, and straight from C here.
+    cpdef woken(self)
+    cpdef more_to_serve(self)
+    cpdef read_waiting(self)
+    cpdef input_waiting(self)
+    cpdef wants_turn(self)
+    cpdef idle_for_thread(self)
+    cpdef hold(self, now, keepalive, header_timeout)
+    cpdef head_started(self, now, header_timeout)
+    cpdef expired(self, now)
+    cpdef unread(self)
+    cpdef close(self)
