@@ -5,6 +5,12 @@ cimport cython
 
 from .relax cimport RelaxedLine
 
+# Module caches, typed: a lookup is a C call, not a method found by name.
+cdef dict _VERSIONS
+cdef dict _METHODS
+cdef set _GOOD_HOSTS
+cdef dict _HEADER_KEYS  # names._HEADER_KEYS, the same dict
+
 cdef class Request:
     cdef public object method
     cdef public object url

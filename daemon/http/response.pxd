@@ -4,6 +4,11 @@
 from .body cimport Input
 from .request cimport Request
 
+# Module caches, typed: a lookup is a C call, not a method found by name.
+cdef dict _STATUS_LINES
+cdef dict _MEANINGS
+cdef dict _KINDS
+
 cdef class Response:
     cdef public object sock
     cdef public Request req

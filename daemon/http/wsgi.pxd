@@ -4,6 +4,8 @@
 from .request cimport Request, RequestReader
 from .response cimport Response
 
+cdef dict _TEMPLATES  # typed: a lookup is a C call, not a method found by name
+
 # cpdef: called from Python as before, and straight from C inside the compiled
 # module; typed arguments read their fields directly.
 cpdef dict _base_environ(info)
