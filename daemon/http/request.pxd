@@ -10,6 +10,8 @@ cdef dict _VERSIONS
 cdef dict _METHODS
 cdef set _GOOD_HOSTS
 cdef dict _HEADER_KEYS  # names._HEADER_KEYS, the same dict
+cdef int _DONTWAIT
+cdef object _monotonic
 
 cdef class Request:
     cdef public object method

@@ -29,6 +29,8 @@ from .relax import RelaxedLine
 from .validate import FORBIDDEN_TRAILERS, check_host, check_target
 
 RECV_SIZE = 64 * 1024
+_DONTWAIT = socket.MSG_DONTWAIT
+_monotonic = time.monotonic  # one global, not a module attribute per call
 # Cap on a request head when some limit is 0 ("no limit"): still never unbounded.
 MAX_HEAD_BYTES = 4 * 1024 * 1024
 # While a keep-alive connection is idle, wake this often to check should_continue().
@@ -88,7 +90,7 @@ class RequestReader(RelaxedLine):
         self.header_timeout = header_timeout
         # When the head being read must be complete (monotonic; 0: no head yet
         # or no limit). The first head's clock runs from accept.
-        self.head_due = time.monotonic() + header_timeout if header_timeout else 0.0
+        self.head_due = _monotonic() + header_timeout if header_timeout else 0.0
         # Reads wait at most a tick at a time (see _recv); sends set read_timeout.
         self.tick = min(READ_TICK, read_timeout, header_timeout or READ_TICK)
         if nonblocking_first and sock.gettimeout() is None:
@@ -259,7 +261,7 @@ class RequestReader(RelaxedLine):
                     return None
                 idle_timeout = 0.0
             if not self.head_due and self.header_timeout:
-                self.head_due = time.monotonic() + self.header_timeout
+                self.head_due = _monotonic() + self.header_timeout
             if not self.fill(head=True):
                 return None
             if not ready and self.head_late():  # a trickle never times out a recv
@@ -272,7 +274,7 @@ class RequestReader(RelaxedLine):
             return False
         if self.sock_timeout is None:
             try:  # the usual case: a whole head or body chunk is already there
-                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                data = self.sock.recv(RECV_SIZE, _DONTWAIT)
             except BlockingIOError:
                 data = self._recv(head, timed_out=False)
             except OSError:
@@ -294,7 +296,7 @@ class RequestReader(RelaxedLine):
         if self.sock_timeout is not None or self.done:
             return False
         try:
-            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            data = self.sock.recv(RECV_SIZE, _DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
@@ -341,7 +343,7 @@ class RequestReader(RelaxedLine):
                 if waited >= self.read_timeout:
                     return b""
             timeout = self.tick
-            remaining = self.head_due - time.monotonic() if head and self.head_due else None
+            remaining = self.head_due - _monotonic() if head and self.head_due else None
             if remaining is not None and remaining < timeout:
                 if remaining <= 0:
                     raise RequestTimeout("request head not complete within header_timeout")
@@ -352,7 +354,7 @@ class RequestReader(RelaxedLine):
                 if timed_out:
                     continue
                 try:
-                    return self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                    return self.sock.recv(RECV_SIZE, _DONTWAIT)
                 except BlockingIOError:
                     continue  # readable, then not (another reader cannot be: rare)
                 except OSError:
@@ -375,7 +377,7 @@ class RequestReader(RelaxedLine):
     def head_late(self, now: float | None = None) -> bool:
         """Whether a head is being read past header_timeout. For workers that
         wait for heads in their own poller (gthread): answer 408 and close."""
-        return bool(self.head_due) and (time.monotonic() if now is None else now) >= self.head_due
+        return bool(self.head_due) and (_monotonic() if now is None else now) >= self.head_due
 
     def set_timeout(self, timeout: float) -> None:
         self.sock_timeout = timeout
@@ -390,11 +392,11 @@ class RequestReader(RelaxedLine):
 
     def _wait_idle(self, timeout: float, should_continue) -> bool:
         """Wait for the next request to start; False if idle too long or asked to stop."""
-        deadline = time.monotonic() + timeout
+        deadline = _monotonic() + timeout
         while True:
             if should_continue is not None and not should_continue():
                 return False
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _monotonic()
             if remaining <= 0:
                 return False
             if self._readable(min(remaining, IDLE_POLL_INTERVAL)):

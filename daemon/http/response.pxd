@@ -8,6 +8,8 @@ from .request cimport Request
 cdef dict _STATUS_LINES
 cdef dict _MEANINGS
 cdef dict _KINDS
+cdef int _DONTWAIT
+cdef object _time
 
 cdef class Response:
     cdef public object sock

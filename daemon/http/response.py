@@ -18,6 +18,8 @@ from .validate import HOP_BY_HOP, check_field_name, check_field_value
 DRAIN_LIMIT = 64 * 1024      # unread body above this closes instead of draining
 COALESCE_LIMIT = 64 * 1024   # head + first chunk in one sendall up to this size
 SMALL_SEND = 8 * 1024        # a whole response this small never waits for the client
+_DONTWAIT = socket.MSG_DONTWAIT
+_time = time.time  # one global, not a module attribute per call
 
 
 class FileWrapper:
@@ -51,7 +53,7 @@ _date = (0, "")
 
 def _date_line() -> str:
     global _date
-    now = int(time.time())
+    now = int(_time())
     if _date[0] != now:  # a tuple swap, so threads never see half an update
         _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
     return _date[1]
@@ -145,7 +147,7 @@ class Response:
             reader = self.input._reader
             if reader.sock_timeout is None:  # a blocking socket: send what fits now, never wait
                 try:
-                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    sent = self.sock.send(data, _DONTWAIT)
                 except BlockingIOError:
                     sent = 0
                 if sent == len(data):
