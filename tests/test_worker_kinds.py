@@ -126,6 +126,31 @@ def test_gthread_slow_request_does_not_hold_up_others_ready_at_the_same_time(gth
                 sock.close()
 
 
+def test_gthread_request_arriving_while_the_polling_thread_blocks_is_served_beside_it(start_appd):
+    """While requests are quick only one thread waits in epoll (the baton); when it
+    blocks in a request, a request arriving afterwards is served by the other
+    thread, not after the slow one. A fresh worker: no earlier slow request has
+    already woken every thread."""
+    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1")
+    slow, quick = _connect(appd.address), _connect(appd.address)
+    buffers = bytearray(), bytearray()
+    try:
+        for _ in range(3):  # quick ones first: one thread serves them all
+            quick.sendall(GET)
+            assert _read_response(quick, buffers[1]).startswith(b"HTTP/1.1 200")
+        slow.sendall(b"GET /slow?s=4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: appd.status()["generations"][0]["workers"][0].get("busy"), timeout=10)
+        started = time.monotonic()
+        quick.sendall(GET)
+        assert _read_response(quick, buffers[1]).startswith(b"HTTP/1.1 200")
+        waited = time.monotonic() - started
+        assert waited < 1.5, f"a quick request waited {waited:.2f} s behind a 4 s one"
+        assert _read_response(slow, buffers[0]).startswith(b"HTTP/1.1 200")
+    finally:
+        slow.close()
+        quick.close()
+
+
 def test_gthread_request_waiting_for_a_busy_thread_is_not_taken_for_idle(start_appd):
     """One thread, busy with a slow request for longer than the keep-alive: a kept
     connection's next request, sent meanwhile, waits for the thread and is answered;

@@ -8,11 +8,14 @@ without blocking, serves it if a whole head is there, and arms it again. No
 connection travels from a poller to a thread and back, so a keep-alive request
 costs epoll_wait, recv, send and the re-arm: no queue, no wake byte, no second
 poller pass. Ready connections wait for a free thread in the kernel's ready
-list, first come first served. A head not complete within `header_timeout` is
-answered 408. The main thread accepts (while the worker holds fewer than
-`worker_connections`), takes handed-on connections, heartbeats, reads the
-master's orders and ends idle connections at their deadlines. Pipelined
-requests are served in order by the thread that has the connection.
+list, first come first served. While requests are quick only one thread waits
+in epoll (the others would wake with it and fight for the GIL); once a request
+is seen blocking, all do for a while (appd.workers.baton). A head not complete
+within `header_timeout` is answered 408. The main thread accepts (while the
+worker holds fewer than `worker_connections`), takes handed-on connections,
+heartbeats, reads the master's orders and ends idle connections at their
+deadlines. Pipelined requests are served in order by the thread that has the
+connection.
 
 Who owns a connection: while it waits in epoll it is in `parked`, and whoever
 pops it from there owns it (a thread woken for it, or the main thread ending
@@ -41,6 +44,7 @@ from .. import handoff
 from ..access import RequestLog
 from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
+from .baton import Baton
 from ..http.kept import END, HEAD, SERVE, Kept
 from .sync import server_info
 
@@ -93,8 +97,9 @@ class ThreadWorker(Worker):
         self.handed_on = 0
         self.last_expiry = 0.0
         self.threads_done = False
-        self.batches: list = []  # per thread: [when its current request began, ready ones not begun]
-        self.watching = False    # a thread holds ready connections: wake every SLOW_TURN to check
+        self.batches: list = []  # per thread: [when its current request began, ready ones not begun, tid]
+        self.watching = False    # wake every SLOW_TURN: a batch is held, or the baton holder serves
+        self.baton = Baton()
         # Level-triggered, so one byte wakes every thread at the end.
         self.stop_r, self.stop_w = os.pipe()
         self.epoll.register(self.stop_r, select.EPOLLIN)
@@ -116,6 +121,7 @@ class ThreadWorker(Worker):
         if one hangs: the threads are daemons)."""
         self.threads_done = True
         os.write(self.stop_w, b"\0")
+        self.baton.end()
         self.selector.close()
 
     def poll_once(self) -> None:
@@ -278,17 +284,19 @@ class ThreadWorker(Worker):
         """Take up to BATCH ready connections at a time: while this thread serves
         them, a wakeup of an idle thread finds nothing and sleeps on in the kernel
         instead of contending for the GIL. Should one request be slow, the main
-        thread gives the rest back to the others (give_back_stuck)."""
+        thread gives the rest back to the others (give_back_stuck). The baton
+        says when this thread may wait in epoll."""
         poll, parked, monotonic = self.epoll.poll, self.parked, time.monotonic
-        turn = [0.0, collections.deque()]  # when the current connection began, the ones not begun
+        turn = [0.0, collections.deque(), threading.get_native_id()]  # see self.batches
         self.batches.append(turn)
-        rest = turn[1]
+        rest, take_baton = turn[1], self.baton.take
         while not self.threads_done:
+            take_baton(turn)
             try:
                 rest.extend(poll(-1, BATCH))
             except InterruptedError:
                 continue
-            if len(rest) > 1 and not self.watching:
+            if not self.watching and (len(rest) > 1 or self.baton.holder is turn):
                 self.watching = True
                 self.nudge()
             while True:
@@ -303,12 +311,16 @@ class ThreadWorker(Worker):
             turn[0] = 0.0
 
     def give_back_stuck(self) -> None:
-        """Ready connections a thread took but has not begun, while it serves one
-        for longer than SLOW_TURN: armed again for the other threads."""
+        """A thread serving one connection for longer than SLOW_TURN: the ready
+        connections it took but has not begun are armed again for the others, and
+        if it is blocked (not merely waiting for a CPU), every thread polls for a
+        while (the baton)."""
         now = time.monotonic()
-        self.watching = any(rest for _, rest in self.batches)
-        for began, rest in self.batches:
-            if rest and began and now - began > SLOW_TURN:
+        holder = self.baton.holder  # may block in a request: then the others must serve
+        self.watching = bool(holder and holder[0]) or any(rest for _, rest, _ in self.batches)
+        for began, rest, thread_id in self.batches:
+            if began and now - began > SLOW_TURN:
+                self.baton.check(thread_id, now - began, now)
                 while True:
                     try:
                         fd, _ = rest.popleft()
