@@ -4,6 +4,8 @@
 from .request cimport RequestReader
 from .wsgi cimport Connection
 
+cdef object _monotonic
+
 cdef class Tap:
     cdef public object sock
     cdef public object pending
@@ -26,6 +28,7 @@ cdef class Kept:
 
     # cpdef: called from the worker (Python) as before, and straight from C here.
     cpdef woken(self)
+    cpdef turn(self, app, access_log, keepalive, should_continue, on_request, header_timeout)
     cpdef more_to_serve(self)
     cpdef read_waiting(self)
     cpdef input_waiting(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import time
 
 import httptools
 
@@ -53,11 +54,15 @@ class Tap:
         return getattr(self.sock, name)
 
 
-# What a thread does with a connection that woke it (Kept.woken).
-SERVE = "serve"  # a whole request (or an error to answer, a setup to do) is here
-WAIT = "wait"    # nothing to do yet (a stale wakeup): back into epoll until readable
-HEAD = "head"    # the start of a head came: its header_timeout runs, back into epoll
-END = "end"      # the client closed between requests
+# What a wakeup found (Kept.woken) and what a turn ended with (Kept.turn).
+SERVE = "serve"    # a whole request (or an error to answer, a setup to do) is here
+WAIT = "wait"      # nothing to do yet (a stale wakeup): back into epoll until readable
+HEAD = "head"      # the start of a head came: its header_timeout runs, back into epoll
+END = "end"        # the client closed between requests: close it
+SERVED = "served"  # served, and idle between requests again (its deadline set): back into epoll
+CLOSED = "closed"  # the connection closed itself while serving
+
+_monotonic = time.monotonic
 
 
 class Kept:
@@ -126,6 +131,24 @@ class Kept:
         if reader.ready or reader.error is not None or reader.done:
             return SERVE
         return END if reader.eof else HEAD
+
+    def turn(self, app, access_log, keepalive: float, should_continue, on_request,
+             header_timeout: float) -> str:
+        """A thread woke for this connection: serve what came (the requests it has,
+        pipelined ones too) and say how the turn ended: WAIT, HEAD, END, SERVED or
+        CLOSED. The worker decides where it goes next."""
+        woke = self.woken()
+        if woke is SERVE:
+            while True:
+                if not self.connection.serve(app, access_log, keepalive, should_continue, on_request, True):
+                    return CLOSED
+                if not self.more_to_serve():
+                    break
+            self.hold(_monotonic(), keepalive, header_timeout)
+            return SERVED
+        if woke is HEAD:
+            self.head_started(_monotonic(), header_timeout)
+        return woke
 
     def more_to_serve(self) -> bool:
         """After a turn: a pipelined request (or an error) is parsed already, or TLS

@@ -45,7 +45,7 @@ from ..access import RequestLog
 from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
 from .baton import Baton
-from ..http.kept import END, HEAD, SERVE, Kept
+from ..http.kept import CLOSED, END, SERVED, Kept
 from .sync import server_info
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
@@ -341,34 +341,18 @@ class ThreadWorker(Worker):
             self.serving_since.pop(kept, None)
 
     def take_turn(self, kept: Kept) -> None:
-        """The connection woke this thread: serve what it has, then arm it again,
-        hand it on, or close it."""
-        woke = kept.woken()
-        if woke is not SERVE:
-            if woke is END:
-                return self.end(kept)
-            if woke is HEAD:
-                kept.head_started(time.monotonic(), self.header_timeout)
-            return self.park(kept, at_once=False)
-        while True:
-            if not self.run_connection(kept):
-                return self.release(kept)  # closed by the connection itself
-            if not kept.more_to_serve():
-                break  # else a pipelined request, an error to answer, or TLS records decrypted
-        kept.hold(time.monotonic(), self.keepalive, self.header_timeout)
-        if not (self.handing_off and self.pass_on(kept)):
+        """The connection woke this thread: it serves what it has (Kept.turn), then
+        goes back into epoll, on to another worker, or is closed. An exception out
+        of it (the app's sys.exit(), a bug) ends the connection in take()."""
+        should_continue = self.should_continue if kept.transferable else self.still_serving
+        ended = kept.turn(self.app, self.access_log, self.keepalive, should_continue,
+                          self.count_request_locked, self.header_timeout)
+        if ended is CLOSED:
+            self.release(kept)
+        elif ended is END:
+            self.end(kept)
+        elif not (ended is SERVED and self.handing_off and self.pass_on(kept)):
             self.park(kept, at_once=False)
-
-    def run_connection(self, kept: Kept) -> bool:
-        """Serve the requests it has; True if it stays open, idle between requests."""
-        try:
-            should_continue = self.should_continue if kept.transferable else self.still_serving
-            return kept.connection.serve(self.app, self.access_log, self.keepalive, should_continue,
-                                         self.count_request_locked, park=True)
-        except Exception:
-            self.log.exception("connection_failed")
-            kept.close()
-            return False
 
     def park(self, kept: Kept, at_once: bool | None = None) -> None:
         """Back into epoll until readable, or at once if it has work in hand that no
@@ -410,7 +394,7 @@ class ThreadWorker(Worker):
     def count_request_locked(self) -> None:
         with self.count_lock:
             self.count_request()
-            if self.recycling() and not self.handing_off:
+            if self.max_requests and self.recycling() and not self.handing_off:
                 self.handing_off = self.handoff_wanted()  # decided before the response is sent
 
     # --- stopping ---
