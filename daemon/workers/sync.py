@@ -64,6 +64,7 @@ class SyncWorker(Worker):
         selector.register(self.wake_r, selectors.EVENT_READ)
         selector.register(self.reporter.sock, selectors.EVENT_READ)  # PAUSE wakes an idle worker
         access_log = RequestLog(self)
+        access_log = access_log if access_log else None  # asked once, not per request
         app = self.app
         while self.alive:
             if self.paused:
