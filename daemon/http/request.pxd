@@ -10,6 +10,8 @@ cdef dict _VERSIONS
 cdef dict _METHODS
 cdef set _GOOD_HOSTS
 cdef dict _HEADER_KEYS  # names._HEADER_KEYS, the same dict
+cdef Py_ssize_t FIELD_FRAMING
+cdef Py_ssize_t VERSION_FRAMING
 cdef int _DONTWAIT
 cdef object _monotonic
 
@@ -30,6 +32,8 @@ cdef class RequestReader(RelaxedLine):
     # cpdef: called from Python as before, and straight from C inside the compiled
     # modules. httptools calls the parser's callbacks (on_*) by name: def, or cpdef
     # for the typed locals.
+    @cython.locals(req=Request, fields=dict)
+    cpdef on_header(self, bytes name, bytes value)
     @cython.locals(req=Request, fields=dict)
     cpdef on_headers_complete(self)
     cpdef _check_head(self, req)

@@ -156,7 +156,8 @@ class RequestReader(RelaxedLine):
             return  # never merged into the environ (RFC 9110 §6.5.2)
         if key is None:
             return
-        fields = self.current.fields
+        req = self.current
+        fields = req.fields
         text = value.decode("latin-1")
         if key in fields:
             if key == "HTTP_HOST":
