@@ -27,6 +27,7 @@ cdef class Kept:
     cdef public int fd
 
     # cpdef: called from the worker (Python) as before, and straight from C here.
+    cpdef request_ready(self)
     cpdef woken(self)
     cpdef turn(self, app, access_log, keepalive, should_continue, on_request, header_timeout)
     cpdef more_to_serve(self)

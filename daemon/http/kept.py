@@ -111,6 +111,9 @@ class Kept:
 
     @property
     def has_request(self) -> bool:
+        return self.request_ready()
+
+    def request_ready(self) -> bool:
         """A complete head (or an error to answer) is ready: time for a thread."""
         reader = self.reader
         return bool(reader.ready) or reader.error is not None or reader.done
@@ -118,8 +121,7 @@ class Kept:
     def woken(self) -> str:
         """A thread woke for this connection: read what came, never waiting, and say
         what to do (SERVE, WAIT, HEAD or END)."""
-        reader = self.reader
-        if reader.ready or reader.error is not None or reader.done:
+        if self.request_ready():
             return SERVE
         if not self.plain:
             if self.needs_thread:  # TLS or PROXY: the thread reads (blocking, with timeouts)
@@ -128,9 +130,9 @@ class Kept:
                 return SERVE
         if not self.read_waiting():
             return WAIT
-        if reader.ready or reader.error is not None or reader.done:
+        if self.request_ready():
             return SERVE
-        return END if reader.eof else HEAD
+        return END if self.reader.eof else HEAD
 
     def turn(self, app, access_log, keepalive: float, should_continue, on_request,
              header_timeout: float) -> str:
@@ -153,8 +155,7 @@ class Kept:
     def more_to_serve(self) -> bool:
         """After a turn: a pipelined request (or an error) is parsed already, or TLS
         records are decrypted: serve on instead of waiting in epoll for readiness."""
-        reader = self.reader
-        return bool(reader.ready) or reader.error is not None or reader.done or self.decrypted_waiting
+        return self.request_ready() or self.decrypted_waiting
 
     def read_waiting(self) -> bool:
         """One read of what arrived, never waiting: True if bytes (or the end of the
