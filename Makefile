@@ -16,6 +16,14 @@ define link_packages
 	ln -s "$(CURDIR)/daemon" "$$site/appd" && ln -s "$(CURDIR)/ctl" "$$site/appdctl"
 endef
 
+# Before pip (re)installs appd: it would uninstall and rewrite appd's files
+# through those links, in daemon/ itself, and package setuptools' stale
+# build/lib (files long deleted here came back into daemon/).
+define unlink_packages
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') && \
+	rm -rf "$$site/appd" "$$site/appdctl" build/lib build/bdist.*
+endef
+
 # Best effort: install Debian package $(2) when command $(1) is missing (as
 # root, with apt-get); otherwise say what the missing tool means ($(3)).
 define apt_install
@@ -38,6 +46,7 @@ endef
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(unlink_packages)
 	$(PY) -m pip install --quiet '.[test]'
 	$(link_packages)
 	$(build_speedups)
@@ -78,6 +87,7 @@ proxies:
 # Debian when it can; without it a Python load client measures throughput.
 # `make bench BENCH_ARGS="--quick --only hello,ctl"` for a short run.
 bench-deps: $(STAMP)
+	$(unlink_packages)
 	$(PY) -m pip install --quiet '.[bench]'
 	$(link_packages)
 	$(call apt_install,wrk,wrk,throughput will be measured with the Python load client; make profile needs it)
