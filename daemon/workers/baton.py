@@ -8,14 +8,15 @@ serving everything does the same work with less CPU. But a request may block
 (a database call, a sleep): then the others must serve meanwhile.
 
 So one thread, the holder, waits in epoll and serves what it finds; the others
-wait on a condition. The main thread looks every SLOW_TURN for a thread in one
-request for longer than that (ThreadWorker.give_back_stuck). If that thread is
-blocked, or has computed for longer than SLOW_CPU, a spell begins: for
-SLOW_SPELL every thread waits in epoll, as without a baton. Then the first
-thread back from its batch holds the baton again, the others wait; should
-requests still block, the next spell begins as soon as the holder is seen
-blocked. A request arriving while the holder blocks thus waits for a thread
-about SLOW_TURN (and the main thread's wakeup), once per spell.
+wait on a condition. While a thread serves, the main thread looks at it every
+SLOW_TURN (ThreadWorker.give_back_stuck). If it is blocked in its request,
+however briefly (a 1 ms database call is caught as soon as a look falls inside
+one), or has computed for longer than SLOW_CPU, a spell begins: for SLOW_SPELL
+every thread waits in epoll, as without a baton. Then the first thread back
+from its batch holds the baton again, the others wait; should requests still
+block, the next spell begins at the next look that finds the holder blocked. A
+request arriving while the holder blocks thus waits for a thread about
+SLOW_TURN at most (and the main thread's wakeup), once per spell.
 
 A thread runnable but not running (preempted on a busy machine) does not begin
 a spell: it is not blocked, and another thread would only wait for the CPU too."""

@@ -311,16 +311,19 @@ class ThreadWorker(Worker):
             turn[0] = 0.0
 
     def give_back_stuck(self) -> None:
-        """A thread serving one connection for longer than SLOW_TURN: the ready
-        connections it took but has not begun are armed again for the others, and
-        if it is blocked (not merely waiting for a CPU), every thread polls for a
-        while (the baton)."""
+        """Every SLOW_TURN while a thread serves: if one is blocked in its request
+        (not merely waiting for a CPU), every thread polls for a while (the baton),
+        however short the wait: a 1 ms database call must not queue the others.
+        A thread serving one connection for longer than SLOW_TURN gives back the
+        ready connections it took but has not begun: armed again for the others."""
         now = time.monotonic()
         holder = self.baton.holder  # may block in a request: then the others must serve
         self.watching = bool(holder and holder[0]) or any(rest for _, rest, _ in self.batches)
         for began, rest, thread_id in self.batches:
-            if began and now - began > SLOW_TURN:
-                self.baton.check(thread_id, now - began, now)
+            if not began:
+                continue
+            self.baton.check(thread_id, now - began, now)
+            if now - began > SLOW_TURN:
                 while True:
                     try:
                         fd, _ = rest.popleft()
