@@ -109,10 +109,6 @@ class Kept:
         sock = self.connection.sock
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
-    @property
-    def has_request(self) -> bool:
-        return self.request_ready()
-
     def request_ready(self) -> bool:
         """A complete head (or an error to answer) is ready: time for a thread."""
         reader = self.reader
@@ -185,7 +181,7 @@ class Kept:
     def wants_turn(self) -> bool:
         """Work in hand that no readiness will announce: bytes handed on with it not
         read yet, a request already parsed, TLS records already decrypted."""
-        return bool(self.tap.pending) or self.has_request or self.decrypted_waiting
+        return bool(self.tap.pending) or self.request_ready() or self.decrypted_waiting
 
     def idle_for_thread(self) -> bool:
         """A connection that needs a thread (TLS, PROXY) woke one with nothing to do:
@@ -210,7 +206,7 @@ class Kept:
     def expired(self, now: float) -> str | None:
         """"idle" (keep-alive over: close quietly), "head" (too slow: 408) or None
         (a whole request waits for a thread: no deadline, as in a queue)."""
-        if self.has_request:
+        if self.request_ready():
             return None
         if self.head_until is not None and now >= self.head_until:
             return "head"
@@ -233,7 +229,7 @@ class Kept:
             return None
         if self.tap.pending:  # handed to us and not read yet: it travels on as it came
             return self.tap.pending
-        if self.has_request:  # parsed already: served here
+        if self.request_ready():  # parsed already: served here
             return None
         if not self.reader.in_head:
             return b""

@@ -233,7 +233,7 @@ class ThreadWorker(Worker):
             if not kept.reads_without_blocking:
                 return self.park(kept)  # a thread reads it; the deadline is checked again
             kept.reader.read_now()
-            if kept.reader.eof and not kept.has_request:
+            if kept.reader.eof and not kept.request_ready():
                 return self.end(kept)
             kept.head_started(now, self.header_timeout)
             if kept.expired(now) is None:

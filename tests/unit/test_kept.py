@@ -29,7 +29,7 @@ def test_a_parsed_request_is_not_handed_on():
     kept, client = _kept()
     with client:
         client.sendall(REQUEST)
-        assert kept.read_waiting() and kept.has_request
+        assert kept.read_waiting() and kept.request_ready()
         assert kept.unread() is None and kept.expired(float("inf")) is None
         kept.close()
 
