@@ -62,11 +62,17 @@ SLOW_TURN = 0.005  # a thread on one request this long gives the rest of its bat
 class ThreadWorker(Worker):
     TAKES_HANDOFF = True  # the master may hand this worker's idle connections on when it stops
     handing_off = False   # stopping, and idle connections go to the handoff channel
+    looping = False       # in serve()'s loop, which acts on a stop signal
+    stop_asked = False    # a stop signal came; the loop has not acted on it yet
 
     def serve(self) -> None:
         self.setup_threads()
         try:
+            self.looping = True  # from here a stop signal is only recorded (see _graceful)
             while self.alive:
+                if self.stop_asked:
+                    self.begin_stop()
+                    break
                 if not self.master_alive():
                     self.log.warning("master_gone", detail="stopping")
                     self.alive = False
@@ -422,10 +428,22 @@ class ThreadWorker(Worker):
         self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=left)
 
     def _graceful(self, signum, frame) -> None:
-        # Decided before `alive` flips, so no response in between says `Connection: close`.
-        if self.serving and (not self.handing_off or self.paused):
+        """Recorded for serve()'s loop (woken by the signal's wakeup fd), which decides
+        the handoff and then stops. Not decided here: this handler may run inside
+        the main thread's read of the master's orders, between taking the HANDOFF=1
+        datagram and noting it, and would then see no HANDOFF and let responses say
+        `Connection: close` until the loop read it again."""
+        if not self.looping:
+            if self.serving and (not self.handing_off or self.paused):
+                self.handing_off = self.handoff_wanted()
+            return super()._graceful(signum, frame)
+        self.stop_asked = True
+
+    def begin_stop(self) -> None:
+        # The handoff decided before `alive` flips, so no response in between says close.
+        if not self.handing_off or self.paused:
             self.handing_off = self.handoff_wanted()
-        super()._graceful(signum, frame)
+        self.alive = False
 
     def pass_on_parked(self) -> None:
         for kept in list(self.parked.values()):
