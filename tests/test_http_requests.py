@@ -68,6 +68,20 @@ def test_http10_request():
     assert body == b"Hello, world!\n"
 
 
+@pytest.mark.parametrize("version, connection, protocol", [
+    (b"1.1", b"", "HTTP/1.1"),  # known from llhttp's keep-alive alone (no Connection field)
+    (b"1.1", b"Connection: close\r\n", "HTTP/1.1"),
+    (b"1.0", b"", "HTTP/1.0"),
+    (b"1.0", b"Connection: keep-alive\r\n", "HTTP/1.0"),  # alive, yet not 1.1
+])
+def test_server_protocol_is_the_request_version(version, connection, protocol):
+    with serving() as server:
+        data = raw(server, b"GET /env HTTP/" + version + b"\r\nHost: x\r\n" + connection + b"\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body)["SERVER_PROTOCOL"] == protocol
+
+
 def test_environ_contents():
     with serving() as server:
         conn = server.http()

@@ -33,12 +33,14 @@ def header_key(name: bytes) -> str | None:
 
 # Bytes searched for as ints: CPython 3.11 tries `b"#" in url` as an int first, and
 # raises and clears a TypeError every time (thousands of instructions a request).
-_HASH, _PERCENT = ord("#"), ord("%")
+_HASH, _PERCENT, _QUERY = ord("#"), ord("%"), ord("?")
 
 
 def split_target(url: bytes) -> tuple[str, str]:
     """PATH_INFO (percent-decoded, latin-1) and QUERY_STRING of a request target."""
     if url[:1] == b"/":
+        if _QUERY not in url and _HASH not in url and _PERCENT not in url:
+            return url.decode("latin-1"), ""  # the usual target: a plain path
         path, _, query = url.partition(b"?")
         if _HASH in url:
             path, _, query = url.partition(b"#")[0].partition(b"?")

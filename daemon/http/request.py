@@ -179,10 +179,15 @@ class RequestReader(RelaxedLine):
         if self.limit_line and (len(req.method) + 1 + len(req.url) + VERSION_FRAMING
                                 > self.limit_line):
             self._refuse(URITooLong("request line too long"))
-        version = parser.get_http_version()
-        req.version = _VERSIONS.get(version) or self._other_version(version)
-        req.keep_alive = parser.should_keep_alive()
+        req.keep_alive = keep_alive = parser.should_keep_alive()
         fields = req.fields
+        if keep_alive and "HTTP_CONNECTION" not in fields:
+            # llhttp keeps only 1.1 alive without a Connection field (1.0, 0.9 and
+            # 2.0 need "keep-alive"): the version is known without formatting it.
+            req.version = "HTTP/1.1"
+        else:
+            version = parser.get_http_version()
+            req.version = _VERSIONS.get(version) or self._other_version(version)
         if (fields.get("HTTP_HOST") not in _GOOD_HOSTS or req.url[:1] != b"/"
                 or req.method == "CONNECT"):  # else: a known Host, origin-form
             self._check_head(req)

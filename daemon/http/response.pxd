@@ -8,6 +8,13 @@ from .request cimport Request
 cdef dict _STATUS_LINES
 cdef dict _MEANINGS
 cdef dict _KINDS
+cdef set _GOOD_VALUES
+cdef dict _LENGTHS
+
+cpdef str _date_line()
+cpdef str _status_line(status)
+cpdef _check_value(name, value)
+cpdef _length_value(value)
 cdef int _DONTWAIT
 cdef object _time
 

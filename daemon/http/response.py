@@ -48,6 +48,10 @@ _PLAIN, _LENGTH, _DATE, _SERVER = "plain", "content-length", "date", "server"
 _MEANINGS = {_LENGTH: _LENGTH, _DATE: _DATE, _SERVER: _SERVER}  # lower-case name -> its kind
 _KINDS: dict[str, str] = {}
 _KINDS_MAX = 1024  # bounded: an app inventing names cannot grow it without end
+# Header values already checked (an app sends the same few again and again), and
+# Content-Length values already parsed: a lookup instead of string methods.
+_GOOD_VALUES: set = set()
+_LENGTHS: dict[str, int] = {}
 _date = (0, "")
 
 
@@ -67,6 +71,22 @@ def _header_kind(name) -> str:
     if len(_KINDS) < _KINDS_MAX:
         _KINDS[name] = kind
     return kind
+
+
+def _check_value(name, value) -> None:
+    if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
+        check_field_value(name, value)
+    if len(_GOOD_VALUES) < _KINDS_MAX:
+        _GOOD_VALUES.add(value)
+
+
+def _length_value(value: str) -> int:
+    if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
+        raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
+    length = int(value)
+    if len(_LENGTHS) < _KINDS_MAX:
+        _LENGTHS[value] = length
+    return length
 
 
 def _length_of(chunks) -> int | None:
@@ -191,15 +211,14 @@ class Response:
             kind = _KINDS.get(name)
             if kind is None:
                 kind = _header_kind(name)
-            if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
-                check_field_value(name, value)
+            if type(value) is not str or value not in _GOOD_VALUES:  # not a str: refused by name
+                _check_value(name, value)
             if kind != _PLAIN:
                 if kind == _LENGTH:
                     if self.content_length is not None:
                         raise AppError("the application sent Content-Length twice")
-                    if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
-                        raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
-                    self.content_length = int(value)
+                    length = _LENGTHS.get(value)
+                    self.content_length = _length_value(value) if length is None else length
                 elif kind == _DATE:
                     has_date = True
                 else:

@@ -1,6 +1,7 @@
 # Declarations for the compiled build of this module (tools/build_speedups.py,
 # Cython): its classes become extension types, whose attributes are C fields
 # (a fixed layout: every attribute the .py sets must be declared here).
+from .names cimport split_target
 from .request cimport Request, RequestReader
 from .response cimport Response
 

@@ -201,7 +201,7 @@ class Connection:
                     return False
                 if req is None:
                     break
-                keep = keepalive > 0 and req.keep_alive and should_continue()
+                keep = keepalive > 0 and req.keep_alive  # should_continue: asked as the head goes
                 try:
                     keep = _serve(conn, reader, req, app, conn_env, keep, access_log, should_continue)
                 finally:
