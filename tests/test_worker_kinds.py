@@ -89,6 +89,28 @@ def test_gthread_serves_pipelined_requests_in_order(gthread_appd):
     assert third.startswith(b"HTTP/1.1 200") and b"Hello from appd" in third
 
 
+def test_gthread_counts_each_request_once_in_status(start_appd):
+    """Without max_requests or request hooks the threads count on a shared counter,
+    without the lock; status must still say exactly how many were served."""
+    appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1", "--keepalive", "10")
+    socks = [_connect(appd.address) for _ in range(2)]
+    buffer = bytearray()
+    try:
+        for i in range(4):
+            socks[i % 2].sendall(GET)
+            assert _read_response(socks[i % 2], buffer).startswith(b"HTTP/1.1 200")
+        socks[0].sendall(GET * 3)  # pipelined: served in one turn
+        for _ in range(3):
+            assert _read_response(socks[0], buffer).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in socks:
+            sock.close()
+
+    def requests():
+        return sum(w["requests"] for w in appd.serving_generation()["workers"])
+    wait_until(lambda: requests() == 7, 10, message=f"status to count 7 requests (says {requests()})")
+
+
 def test_gthread_more_idle_connections_than_threads(gthread_appd):
     """Idle keep-alive connections wait in the poller, not in a thread."""
     appd = gthread_appd

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import os
 import select
 import selectors
@@ -98,6 +99,14 @@ class ThreadWorker(Worker):
         self.serving_since: dict[Kept, float] = {}  # connection -> when a thread took it
         self.max_connections = self.connection_limit(cfg.worker_connections)
         self.count_lock = threading.Lock()
+        # Requests are counted under the lock, one at a time, when something acts on
+        # each one (max_requests, request hooks, the access log); else each thread's
+        # next() on a shared counter (one C call, atomic under the GIL) and the
+        # main thread folds them into self.requests (tally).
+        self.served = itertools.count()
+        self.tallies = 0
+        self.counted_apart = not (self.max_requests or self.access_log)
+        self.on_request = self.served.__next__ if self.counted_apart else self.count_request_locked
         self.handoff = handoff.Channel.from_env()
         self.handing_off = False
         self.handed_on = 0
@@ -295,14 +304,15 @@ class ThreadWorker(Worker):
         poll, parked, monotonic = self.epoll.poll, self.parked, time.monotonic
         turn = [0.0, collections.deque(), threading.get_native_id()]  # see self.batches
         self.batches.append(turn)
-        rest, take_baton = turn[1], self.baton.take
+        rest, baton = turn[1], self.baton
         while not self.threads_done:
-            take_baton(turn)
+            if baton.holder is not turn:  # the holder goes on polling without a call
+                baton.take(turn)
             try:
                 rest.extend(poll(-1, BATCH))
             except InterruptedError:
                 continue
-            if not self.watching and (len(rest) > 1 or self.baton.holder is turn):
+            if not self.watching and (len(rest) > 1 or baton.holder is turn):
                 self.watching = True
                 self.nudge()
             while True:
@@ -340,28 +350,29 @@ class ThreadWorker(Worker):
                         self.park(kept)
 
     def take(self, kept: Kept, now: float) -> None:
+        """The connection woke this thread: it serves what it has (Kept.turn), then
+        goes back into epoll, on to another worker, or is closed. One function, not
+        three: it runs for every request."""
         self.serving_since[kept] = now
         try:
-            self.take_turn(kept)
+            should_continue = self.should_continue if kept.transferable else self.still_serving
+            ended = kept.turn(self.app, self.access_log, self.keepalive, should_continue,
+                              self.on_request, self.header_timeout)
+            if ended is CLOSED:
+                self.release(kept)
+            elif ended is END:
+                self.end(kept)
+            elif not (ended is SERVED and self.handing_off and self.pass_on(kept)):
+                self.parked[kept.fd] = kept  # as park(kept, at_once=False)
+                try:
+                    self.epoll.modify(kept.fd, WAIT_READABLE)
+                except (OSError, ValueError):  # taken and closed meanwhile, or the worker is ending
+                    pass
         except BaseException:  # e.g. the app's sys.exit(): the thread must live on
             self.log.exception("connection_failed")
             self.end(kept)
         finally:
             self.serving_since.pop(kept, None)
-
-    def take_turn(self, kept: Kept) -> None:
-        """The connection woke this thread: it serves what it has (Kept.turn), then
-        goes back into epoll, on to another worker, or is closed. An exception out
-        of it (the app's sys.exit(), a bug) ends the connection in take()."""
-        should_continue = self.should_continue if kept.transferable else self.still_serving
-        ended = kept.turn(self.app, self.access_log, self.keepalive, should_continue,
-                          self.count_request_locked, self.header_timeout)
-        if ended is CLOSED:
-            self.release(kept)
-        elif ended is END:
-            self.end(kept)
-        elif not (ended is SERVED and self.handing_off and self.pass_on(kept)):
-            self.park(kept, at_once=False)
 
     def park(self, kept: Kept, at_once: bool | None = None) -> None:
         """Back into epoll until readable, or at once if it has work in hand that no
@@ -399,6 +410,17 @@ class ThreadWorker(Worker):
             return 0, 0.0
         oldest = min(serving_since.values(), default=None)  # a copy: threads change it
         return len(serving_since), (time.monotonic() - oldest if oldest is not None else 0.0)
+
+    def heartbeat(self, now: float | None = None) -> None:
+        self.tally()
+        super().heartbeat(now)
+
+    def tally(self) -> None:
+        """self.requests from the threads' shared counter (main thread; the next()
+        here counts too, hence tallies)."""
+        if getattr(self, "counted_apart", False):  # False while booting, before serve()
+            self.requests = next(self.served) - self.tallies
+            self.tallies += 1
 
     def count_request_locked(self) -> None:
         with self.count_lock:
