@@ -8,13 +8,11 @@ from .request cimport Request
 cdef dict _STATUS_LINES
 cdef dict _MEANINGS
 cdef dict _KINDS
-cdef set _GOOD_VALUES
-cdef dict _LENGTHS
+cdef dict _HEADER_LINES
 
 cpdef str _date_line()
-cpdef str _status_line(status)
-cpdef _check_value(name, value)
-cpdef _length_value(value)
+cpdef tuple _status_line(status)
+cpdef tuple _header_line(header)
 cdef int _DONTWAIT
 cdef object _time
 

@@ -41,17 +41,17 @@ class FileWrapper:
 # -- cached bits of the hot path ---------------------------------------------
 
 _NO_BODY = ("204", "304")    # and every 1xx
-_STATUS_LINES: dict[str, str] = {}
+_STATUS_LINES: dict[str, tuple] = {}
 # Response header name (as the app spells it) -> what it means to the server,
 # once the name is checked as a token. Hop-by-hop names are refused, never cached.
 _PLAIN, _LENGTH, _DATE, _SERVER = "plain", "content-length", "date", "server"
 _MEANINGS = {_LENGTH: _LENGTH, _DATE: _DATE, _SERVER: _SERVER}  # lower-case name -> its kind
 _KINDS: dict[str, str] = {}
 _KINDS_MAX = 1024  # bounded: an app inventing names cannot grow it without end
-# Header values already checked (an app sends the same few again and again), and
-# Content-Length values already parsed: a lookup instead of string methods.
-_GOOD_VALUES: set = set()
-_LENGTHS: dict[str, int] = {}
+# A response header the app sent before, (name, value) -> (its line in the head,
+# its kind, its Content-Length or None), once checked: one lookup per header
+# instead of checking, classifying and formatting it again. Bounded like _KINDS.
+_HEADER_LINES: dict[tuple, tuple] = {}
 _date = (0, "")
 
 
@@ -73,20 +73,26 @@ def _header_kind(name) -> str:
     return kind
 
 
-def _check_value(name, value) -> None:
+def _header_line(header) -> tuple:
+    """(line, kind, Content-Length or None) of a header not seen before, checked."""
+    try:
+        name, value = header
+    except (TypeError, ValueError):
+        raise AppError(f"header {header!r} is not a (name, value) pair (PEP 3333)") from None
+    kind = _KINDS.get(name) if type(name) is str else None
+    if kind is None:
+        kind = _header_kind(name)
     if type(value) is not str or not value.isprintable():  # isprintable: fast, then exact
         check_field_value(name, value)
-    if len(_GOOD_VALUES) < _KINDS_MAX:
-        _GOOD_VALUES.add(value)
-
-
-def _length_value(value: str) -> int:
-    if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
-        raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
-    length = int(value)
-    if len(_LENGTHS) < _KINDS_MAX:
-        _LENGTHS[value] = length
-    return length
+    length = None
+    if kind == _LENGTH:
+        if not (value.isdigit() and value.isascii()):  # int() takes "+5", "1_0", " 7"
+            raise AppError(f"Content-Length {value!r} is not an unsigned decimal")
+        length = int(value)
+    known = (f"{name}: {value}\r\n", kind, length)
+    if type(header) is tuple and type(value) is str and len(_HEADER_LINES) < _KINDS_MAX:
+        _HEADER_LINES[header] = known
+    return known
 
 
 def _length_of(chunks) -> int | None:
@@ -99,18 +105,19 @@ def _length_of(chunks) -> int | None:
     return total
 
 
-def _status_line(status: str) -> str:
-    line = _STATUS_LINES.get(status)
-    if line is None:
+def _status_line(status: str) -> tuple:
+    """(the head's status line, whether no body follows: 1xx, 204, 304)."""
+    known = _STATUS_LINES.get(status)
+    if known is None:
         if type(status) is not str:
             raise AppError(f"status {status!r} is {type(status).__name__}, not str (PEP 3333)")
         if not (len(status) >= 4 and status[:3].isdigit() and status[3] == " "
                 and status.isascii() and status.isprintable()):
             raise AppError(f"status {status!r} is not 'NNN Reason' (PEP 3333)")
-        line = f"HTTP/1.1 {status}\r\n"
+        known = (f"HTTP/1.1 {status}\r\n", status[:3] in _NO_BODY or status[0] == "1")
         if len(_STATUS_LINES) < 256:
-            _STATUS_LINES[status] = line
-    return line
+            _STATUS_LINES[status] = known
+    return known
 
 
 # -- one request ----------------------------------------------------------------
@@ -185,9 +192,9 @@ class Response:
             raise AssertionError("the application did not call start_response()")
         if self.keep_alive and self.should_continue is not None and not self.should_continue():
             self.keep_alive = False
-        parts = [_status_line(self.status)]
+        status_line, no_body = _status_line(self.status)
+        parts = [status_line]
         has_date, has_server = self._scan_headers(parts)
-        no_body = self.status[:3] in _NO_BODY or self.status[0] == "1"
         if not (no_body or self.head_only):  # else no body follows whatever the headers say
             self._choose_framing(parts, known_length)
         self._choose_persistence(parts)
@@ -207,23 +214,26 @@ class Response:
         """Check the app's headers and add them to `parts`; note Content-Length,
         refuse hop-by-hop fields. Returns whether Date and Server were given."""
         has_date = has_server = False
-        for name, value in self.headers:
-            kind = _KINDS.get(name)
-            if kind is None:
-                kind = _header_kind(name)
-            if type(value) is not str or value not in _GOOD_VALUES:  # not a str: refused by name
-                _check_value(name, value)
+        for header in self.headers:
+            # Only a pair of str is looked up: anything else is unhashable or refused.
+            if (type(header) is tuple and len(header) == 2 and type(header[0]) is str
+                    and type(header[1]) is str):
+                known = _HEADER_LINES.get(header)
+                if known is None:
+                    known = _header_line(header)
+            else:
+                known = _header_line(header)
+            line, kind, length = known
             if kind != _PLAIN:
                 if kind == _LENGTH:
                     if self.content_length is not None:
                         raise AppError("the application sent Content-Length twice")
-                    length = _LENGTHS.get(value)
-                    self.content_length = _length_value(value) if length is None else length
+                    self.content_length = length
                 elif kind == _DATE:
                     has_date = True
                 else:
                     has_server = True
-            parts.append(f"{name}: {value}\r\n")
+            parts.append(line)
         return has_date, has_server
 
     def _choose_framing(self, parts: list, known_length: int | None) -> None:
