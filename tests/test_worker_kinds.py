@@ -91,7 +91,8 @@ def test_gthread_serves_pipelined_requests_in_order(gthread_appd):
 
 def test_gthread_counts_each_request_once_in_status(start_appd):
     """Without max_requests or request hooks the threads count on a shared counter,
-    without the lock; status must still say exactly how many were served."""
+    without the lock; status must still say exactly how many were served, and
+    which thread is busy for how long."""
     appd = start_appd("--worker-class", "gthread", "--threads", "2", "-w", "1", "--keepalive", "10")
     socks = [_connect(appd.address) for _ in range(2)]
     buffer = bytearray()
@@ -109,6 +110,18 @@ def test_gthread_counts_each_request_once_in_status(start_appd):
     def requests():
         return sum(w["requests"] for w in appd.serving_generation()["workers"])
     wait_until(lambda: requests() == 7, 10, message=f"status to count 7 requests (says {requests()})")
+
+    slow = _connect(appd.address)  # a request in progress shows as busy, with its age
+    try:
+        slow.sendall(b"GET /slow?s=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        def busy_worker():
+            (worker,) = appd.serving_generation()["workers"]
+            return worker if worker.get("busy") == 1 and worker["request_age_s"] > 0.5 else None
+        worker = wait_until(busy_worker, 10, message="status to show the thread in its slow request")
+        assert worker["request_age_s"] < 3.5
+    finally:
+        slow.close()
 
 
 def test_gthread_more_idle_connections_than_threads(gthread_appd):

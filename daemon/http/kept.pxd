@@ -15,6 +15,15 @@ cdef class Tap:
     cpdef recv(self, size, flags=*)
     cpdef restart(self)
 
+cdef class Service:
+    cdef public object app
+    cdef public object access_log
+    cdef public object keepalive
+    cdef public object header_timeout
+    cdef public object on_request
+    cdef public object should_continue
+    cdef public object still_serving
+
 cdef class Kept:
     cdef public Connection connection
     cdef public RequestReader reader
@@ -29,7 +38,7 @@ cdef class Kept:
     # cpdef: called from the worker (Python) as before, and straight from C here.
     cpdef request_ready(self)
     cpdef woken(self)
-    cpdef turn(self, app, access_log, keepalive, should_continue, on_request, header_timeout)
+    cpdef turn(self, Service service)
     cpdef more_to_serve(self)
     cpdef read_waiting(self)
     cpdef input_waiting(self)

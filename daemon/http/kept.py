@@ -54,6 +54,26 @@ class Tap:
         return getattr(self.sock, name)
 
 
+class Service:
+    """What every turn of a worker's connections is served with, bundled once per
+    worker: the app, the access log (or None), the keep-alive and header timeouts,
+    what to call after each request, and whether a response may keep its connection
+    alive (should_continue, or still_serving for one that cannot be handed on)."""
+
+    __slots__ = ("app", "access_log", "keepalive", "header_timeout", "on_request", "should_continue",
+                 "still_serving")
+
+    def __init__(self, app, access_log, keepalive: float, header_timeout: float, on_request,
+                 should_continue, still_serving) -> None:
+        self.app = app
+        self.access_log = access_log
+        self.keepalive = keepalive
+        self.header_timeout = header_timeout
+        self.on_request = on_request
+        self.should_continue = should_continue
+        self.still_serving = still_serving
+
+
 # What a wakeup found (Kept.woken) and what a turn ended with (Kept.turn).
 SERVE = "serve"    # a whole request (or an error to answer, a setup to do) is here
 WAIT = "wait"      # nothing to do yet (a stale wakeup): back into epoll until readable
@@ -130,22 +150,23 @@ class Kept:
             return SERVE
         return END if self.reader.eof else HEAD
 
-    def turn(self, app, access_log, keepalive: float, should_continue, on_request,
-             header_timeout: float) -> str:
+    def turn(self, service: Service) -> str:
         """A thread woke for this connection: serve what came (the requests it has,
         pipelined ones too) and say how the turn ended: WAIT, HEAD, END, SERVED or
         CLOSED. The worker decides where it goes next."""
         woke = self.woken()
         if woke is SERVE:
+            should_continue = service.should_continue if self.transferable else service.still_serving
             while True:
-                if not self.connection.serve(app, access_log, keepalive, should_continue, on_request, True):
+                if not self.connection.serve(service.app, service.access_log, service.keepalive,
+                                             should_continue, service.on_request, True):
                     return CLOSED
                 if not self.more_to_serve():
                     break
-            self.hold(_monotonic(), keepalive, header_timeout)
+            self.hold(_monotonic(), service.keepalive, service.header_timeout)
             return SERVED
         if woke is HEAD:
-            self.head_started(_monotonic(), header_timeout)
+            self.head_started(_monotonic(), service.header_timeout)
         return woke
 
     def more_to_serve(self) -> bool:

@@ -46,7 +46,7 @@ from ..access import RequestLog
 from ..http.wsgi import READ_TIMEOUT
 from .base import Worker
 from .baton import Baton
-from ..http.kept import CLOSED, END, SERVED, Kept
+from ..http.kept import CLOSED, END, SERVED, Kept, Service
 from .sync import server_info
 
 _ACCEPT_ERRORS = (errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR)
@@ -96,7 +96,6 @@ class ThreadWorker(Worker):
         self.epoll = select.epoll()
         self.parked: dict[int, Kept] = {}           # fd -> connection waiting in epoll
         self.open: set[Kept] = set()                # every connection, parked or in a thread
-        self.serving_since: dict[Kept, float] = {}  # connection -> when a thread took it
         self.max_connections = self.connection_limit(cfg.worker_connections)
         self.count_lock = threading.Lock()
         # Requests are counted under the lock, one at a time, when something acts on
@@ -106,7 +105,9 @@ class ThreadWorker(Worker):
         self.served = itertools.count()
         self.tallies = 0
         self.counted_apart = not (self.max_requests or self.access_log)
-        self.on_request = self.served.__next__ if self.counted_apart else self.count_request_locked
+        on_request = self.served.__next__ if self.counted_apart else self.count_request_locked
+        self.service = Service(self.app, self.access_log, self.keepalive, self.header_timeout, on_request,
+                               self.should_continue, self.still_serving)
         self.handoff = handoff.Channel.from_env()
         self.handing_off = False
         self.handed_on = 0
@@ -322,8 +323,8 @@ class ThreadWorker(Worker):
                     break
                 kept = parked.pop(fd, None)
                 if kept is not None:  # else stale: someone else took it meanwhile
-                    turn[0] = now = monotonic()
-                    self.take(kept, now)
+                    turn[0] = monotonic()
+                    self.take(kept)
             turn[0] = 0.0
 
     def give_back_stuck(self) -> None:
@@ -349,15 +350,12 @@ class ThreadWorker(Worker):
                     if kept is not None:  # else taken meanwhile, by whoever holds it now
                         self.park(kept)
 
-    def take(self, kept: Kept, now: float) -> None:
+    def take(self, kept: Kept) -> None:
         """The connection woke this thread: it serves what it has (Kept.turn), then
         goes back into epoll, on to another worker, or is closed. One function, not
         three: it runs for every request."""
-        self.serving_since[kept] = now
         try:
-            should_continue = self.should_continue if kept.transferable else self.still_serving
-            ended = kept.turn(self.app, self.access_log, self.keepalive, should_continue,
-                              self.on_request, self.header_timeout)
+            ended = kept.turn(self.service)
             if ended is CLOSED:
                 self.release(kept)
             elif ended is END:
@@ -371,8 +369,6 @@ class ThreadWorker(Worker):
         except BaseException:  # e.g. the app's sys.exit(): the thread must live on
             self.log.exception("connection_failed")
             self.end(kept)
-        finally:
-            self.serving_since.pop(kept, None)
 
     def park(self, kept: Kept, at_once: bool | None = None) -> None:
         """Back into epoll until readable, or at once if it has work in hand that no
@@ -405,11 +401,11 @@ class ThreadWorker(Worker):
 
     def load_now(self) -> tuple:
         """(threads serving a connection, age of the longest-served one)."""
-        serving_since = getattr(self, "serving_since", None)  # set when serve() begins
-        if not serving_since:  # none, or heartbeats while booting or gated, before serve()
+        batches = getattr(self, "batches", None)  # set when serve() begins
+        if not batches:  # heartbeats while booting or gated, before serve()
             return 0, 0.0
-        oldest = min(serving_since.values(), default=None)  # a copy: threads change it
-        return len(serving_since), (time.monotonic() - oldest if oldest is not None else 0.0)
+        began = [b for b in (turn[0] for turn in batches) if b]  # each read once: threads change them
+        return len(began), (time.monotonic() - min(began) if began else 0.0)
 
     def heartbeat(self, now: float | None = None) -> None:
         self.tally()
