@@ -26,8 +26,7 @@ class Input:
     def _pull(self) -> bytes:
         """Next received body chunk; b"" at the end of the body."""
         req = self._req
-        body = req.body
-        while not body:
+        while not req.body:  # None until the first chunk came
             if req.complete:
                 return b""
             if req.broken:
@@ -44,7 +43,7 @@ class Input:
                 continue
             if not self._reader.fill():
                 raise ClientDisconnected("client closed the connection mid-body")
-        return body.popleft()
+        return req.body.popleft()
 
     def read(self, size: int | None = -1) -> bytes:
         buf = self._buf
@@ -115,7 +114,8 @@ class Input:
         never got its 100 Continue, or the body cannot be read to its end."""
         req = self._req
         self._buf.clear()
-        req.body.clear()
+        if req.body:
+            req.body.clear()
         if req.complete:
             return True
         if self.continue_pending or req.broken:
@@ -128,5 +128,6 @@ class Input:
                 return False
             if not self._reader.fill():
                 return False
-            req.body.clear()
+            if req.body:
+                req.body.clear()
         return True

@@ -65,7 +65,7 @@ class Request:
         self.keep_alive = False
         self.expect_continue = False
         self.content_length: int | None = None
-        self.body: deque[bytes] = deque()  # received, not yet read by the app
+        self.body: deque[bytes] | None = None  # received, not yet read by the app (made at the first)
         self.received = 0
         self.complete = False              # whole body received
         self.broken = False                # body ended by a parse error
@@ -211,6 +211,8 @@ class RequestReader(RelaxedLine):
 
     def on_body(self, data: bytes) -> None:
         req = self.current
+        if req.body is None:
+            req.body = deque()
         req.body.append(data)
         req.received += len(data)
 
