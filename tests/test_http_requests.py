@@ -73,6 +73,7 @@ def test_http10_request():
     (b"1.1", b"Connection: close\r\n", "HTTP/1.1"),
     (b"1.0", b"", "HTTP/1.0"),
     (b"1.0", b"Connection: keep-alive\r\n", "HTTP/1.0"),  # alive, yet not 1.1
+    (b"1.0", b"Proxy-Connection: keep-alive\r\n", "HTTP/1.0"),  # llhttp reads it as Connection
 ])
 def test_server_protocol_is_the_request_version(version, connection, protocol):
     with serving() as server:
@@ -80,6 +81,17 @@ def test_server_protocol_is_the_request_version(version, connection, protocol):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert json.loads(body)["SERVER_PROTOCOL"] == protocol
+
+
+@pytest.mark.parametrize("line, extra, status", [
+    (b"GET /env HTTP/2.0", b"", b"505"),
+    (b"GET /env HTTP/0.9", b"", b"505"),
+    (b"POST /env HTTP/1.0", b"Transfer-Encoding: chunked\r\n", b"400"),  # RFC 9112 §6.1
+])
+def test_keep_alive_by_proxy_connection_does_not_make_a_request_http11(line, extra, status):
+    with serving() as server:
+        data = raw(server, line + b"\r\nHost: x\r\nProxy-Connection: keep-alive\r\n" + extra + b"\r\n")
+    assert data.startswith(b"HTTP/1.1 " + status), data[:80]
 
 
 def test_environ_contents():

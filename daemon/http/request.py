@@ -181,9 +181,10 @@ class RequestReader(RelaxedLine):
             self._refuse(URITooLong("request line too long"))
         req.keep_alive = keep_alive = parser.should_keep_alive()
         fields = req.fields
-        if keep_alive and "HTTP_CONNECTION" not in fields:
-            # llhttp keeps only 1.1 alive without a Connection field (1.0, 0.9 and
-            # 2.0 need "keep-alive"): the version is known without formatting it.
+        if keep_alive and "HTTP_CONNECTION" not in fields and "HTTP_PROXY_CONNECTION" not in fields:
+            # llhttp keeps only 1.1 alive without a Connection (or Proxy-Connection)
+            # field: 1.0, 0.9 and 2.0 need "keep-alive" in one. So the version is
+            # known without formatting it.
             req.version = "HTTP/1.1"
         else:
             version = parser.get_http_version()

@@ -151,7 +151,7 @@ class ThreadWorker(Worker):
             kind, value = key.data
             if kind == "orders":
                 orders = True  # after this batch: a pause hands on connections it may name
-            elif not self.alive or self.paused:
+            elif not self.alive or self.stop_asked or self.paused:
                 continue  # told to stop (or to stand by) while waiting: take nothing new
             elif kind == "listener":
                 self.accept(key.fileobj, *value)
@@ -276,8 +276,8 @@ class ThreadWorker(Worker):
         """Stand by: accept nothing (listeners nor handed-on connections), hand idle
         connections on as a stopping worker does, answer requests in progress and
         pipelined ones; the ones that cannot move (TLS) are served here. Resume: accept again."""
-        if not hasattr(self, "selector") or not self.alive:  # not serving yet (serve() applies it),
-            return                                             # or stopping: the stop decides handoff
+        if not hasattr(self, "selector") or not self.alive or self.stop_asked:  # not serving yet (serve()
+            return                                # applies it), or stopping: the stop decides handoff
         if paused:
             self.set_accepting(False)
             self.handing_off = self.handoff is not None and self.reporter.pause_hands_off
@@ -443,6 +443,7 @@ class ThreadWorker(Worker):
         for kept in list(self.parked.values()):
             if self.take_parked(kept):
                 self.end(kept)
+        self.tally()  # the last requests, for the worker_exit hook's worker.nr
         self.log.info("worker_stopped", handed_on=self.handed_on, left_at_graceful_timeout=left)
 
     def _graceful(self, signum, frame) -> None:
@@ -462,6 +463,7 @@ class ThreadWorker(Worker):
         if not self.handing_off or self.paused:
             self.handing_off = self.handoff_wanted()
         self.alive = False
+        self.looping = False  # a signal from now on acts as before the loop (say, a drain while stopping)
 
     def pass_on_parked(self) -> None:
         for kept in list(self.parked.values()):
